@@ -1,0 +1,1 @@
+"""Prefect flows: the stages of a Salient build, orchestrated."""

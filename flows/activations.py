@@ -1,0 +1,17 @@
+"""The activation flow: validate -> plan -> compute shards on Ray -> summarise."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from salient import config as cfgmod
+from tasks.activations import compute_activations, plan_images, summarize_activations
+
+
+@flow(name="salient-activations")
+def activations_flow(config: cfgmod.Config) -> dict:
+    """Penultimate activations and predictions of every image under ``dataset.root``."""
+    cfgmod.check(config, ["dataset", "model", "output"], need_discovery=True)
+    plan_images(config)
+    stats = compute_activations(config)
+    return summarize_activations(config, stats)

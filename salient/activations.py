@@ -1,0 +1,307 @@
+"""The activation stage: penultimate features and the top-1 prediction of every planned image.
+
+A shard writes ``activations/part-NNNNN.parquet`` (the table only) and then
+``activations/part-NNNNN.json`` (its stats and failure list). The JSON is the commit marker: a shard
+is done when its JSON exists and names the shard's fingerprint (model weights, preprocessing, this
+stage's code version, and the shard's files with their sizes).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from salient import images, models, storage
+from salient.config import ComputeConfig, ModelConfig, PreprocessConfig
+from salient.plan import Shard
+
+CODE_VERSION = "activations-1"
+DIRNAME = "activations"
+
+
+def table_uri(out: str, shard: int) -> str:
+    return storage.join(out, DIRNAME, f"part-{shard:05d}.parquet")
+
+
+def stats_uri(out: str, shard: int) -> str:
+    return storage.join(out, DIRNAME, f"part-{shard:05d}.json")
+
+
+def stage_fingerprint(weights_sha256: str, model: ModelConfig, preprocess: PreprocessConfig) -> str:
+    """What every shard's result depends on besides its own files."""
+    return storage.fingerprint(CODE_VERSION, weights_sha256, model.arch, preprocess.resize, preprocess.crop)
+
+
+def shard_fingerprint(stage: str, shard: Shard) -> str:
+    return storage.fingerprint(stage, shard.index, shard.relpaths, shard.sizes, shard.image_ids, shard.labels)
+
+
+def committed_stats(out: str, shard: int, fingerprint: str) -> dict | None:
+    """The shard's stats if it is committed with this fingerprint, else None."""
+    uri = stats_uri(out, shard)
+    try:
+        stats = storage.read_json(uri)
+    except FileNotFoundError:
+        return None
+    return stats if stats.get("fingerprint") == fingerprint else None
+
+
+def output_schema(width: int) -> pa.Schema:
+    return pa.schema(
+        [
+            ("relpath", pa.string()),
+            ("image_id", pa.int64()),
+            ("label", pa.int32()),
+            ("pred", pa.int32()),
+            ("features", pa.list_(pa.float16(), width)),
+        ]
+    )
+
+
+@dataclass
+class _Timings:
+    read: float = 0.0
+    decode: float = 0.0
+    infer: float = 0.0
+    write: float = 0.0
+
+
+@dataclass
+class ShardTask:
+    """Everything a worker needs to compute and write one shard."""
+
+    shard: Shard
+    root: str
+    out: str
+    fingerprint: str
+    stage_fingerprint: str
+
+
+@dataclass
+class _Loaded:
+    position: int
+    tensor: torch.Tensor | None
+    error: str | None
+    read_s: float
+    decode_s: float
+
+
+@dataclass
+class ActivationRunner:
+    """Loads the model once, then computes shards: reads and decodes in a thread pool while the
+    model runs batches, and writes the shard's table and stats itself."""
+
+    model: ModelConfig
+    preprocess: PreprocessConfig
+    compute: ComputeConfig
+    threads: int | None = None
+    device: str | None = None
+    net: models.SalientModel = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if self.compute.precision == "fp16" and self.device == "cpu":
+            raise ValueError("compute.precision = 'fp16' needs a CUDA device; use fp32 (or bf16) on the CPU")
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        net = models.load(self.model.checkpoint, self.model.arch, self.model.format)
+        if not net.supports_discovery:
+            raise ValueError(f"model.arch = {self.model.arch!r} has no last conv stage; activations need a ResNet-like CNN")
+        self.net = models.prepare_for_inference(net, self.device)
+        self.width = net.feature_dim
+
+    def _autocast(self):
+        if self.compute.precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.compute.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.split(":")[0], dtype=dtype)
+
+    def infer(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Penultimate features (float32) and top-1 predictions of a ``[N, 3, H, W]`` batch."""
+        x = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), self._autocast():
+            out = self.net(x)
+        return out.features.float().cpu().numpy(), out.logits.argmax(dim=1).cpu().numpy()
+
+    def _load_all(self, task: ShardTask, pool: ThreadPoolExecutor, threads: int) -> Iterator[_Loaded]:
+        fs, root = storage.url_to_fs(task.root)
+        resize, crop = self.preprocess.resize, self.preprocess.crop
+
+        def load(pos: int) -> _Loaded:
+            rel = task.shard.relpaths[pos]
+            t0 = time.perf_counter()
+            try:
+                data = fs.cat_file(f"{root.rstrip('/')}/{storage.safe_relpath(rel)}")
+            except FileNotFoundError:
+                return _Loaded(pos, None, "FileNotFoundError: file disappeared after planning", time.perf_counter() - t0, 0.0)
+            t1 = time.perf_counter()
+            try:
+                tensor = images.load_image(data, resize, crop)
+            except images.DECODE_ERRORS as exc:
+                return _Loaded(pos, None, images.describe_error(exc), t1 - t0, time.perf_counter() - t1)
+            return _Loaded(pos, tensor, None, t1 - t0, time.perf_counter() - t1)
+
+        lookahead = 2 * self.compute.batch_size + 2 * threads
+        pending: deque[Future[_Loaded]] = deque()
+        positions = iter(range(len(task.shard)))
+        for pos in positions:
+            pending.append(pool.submit(load, pos))
+            if len(pending) >= lookahead:
+                break
+        while pending:
+            yield pending.popleft().result()
+            nxt = next(positions, None)
+            if nxt is not None:
+                pending.append(pool.submit(load, nxt))
+
+    def __call__(self, task: ShardTask, on_batch: Callable[[int], None] | None = None) -> dict:
+        """Compute and commit one shard; returns its stats."""
+        started = time.time()
+        t_start = time.perf_counter()
+        shard = task.shard
+        timings = _Timings()
+        rows: list[int] = []
+        feats: list[np.ndarray] = []
+        preds: list[np.ndarray] = []
+        failures: list[dict[str, str]] = []
+        batch: list[torch.Tensor] = []
+        batch_pos: list[int] = []
+
+        def flush() -> None:
+            t0 = time.perf_counter()
+            f, p = self.infer(torch.stack(batch))
+            timings.infer += time.perf_counter() - t0
+            feats.append(f.astype(np.float16))
+            preds.append(p.astype(np.int32))
+            rows.extend(batch_pos)
+            if on_batch is not None:
+                on_batch(len(batch))
+            batch.clear()
+            batch_pos.clear()
+
+        decode_threads = self.compute.decode_threads or max(1, self.threads or os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="decode") as pool:
+            for item in self._load_all(task, pool, decode_threads):
+                timings.read += item.read_s
+                timings.decode += item.decode_s
+                if item.error is not None:
+                    failures.append({"relpath": shard.relpaths[item.position], "reason": item.error})
+                    continue
+                batch.append(item.tensor)
+                batch_pos.append(item.position)
+                if len(batch) == self.compute.batch_size:
+                    flush()
+            if batch:
+                flush()
+
+        t0 = time.perf_counter()
+        features = np.concatenate(feats) if feats else np.zeros((0, self.width), np.float16)
+        table = pa.table(
+            {
+                "relpath": pa.array([shard.relpaths[i] for i in rows], pa.string()),
+                "image_id": pa.array([shard.image_ids[i] for i in rows], pa.int64()),
+                "label": pa.array([shard.labels[i] for i in rows], pa.int32()),
+                "pred": pa.array(np.concatenate(preds) if preds else np.zeros(0, np.int32), pa.int32()),
+                "features": pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1), pa.float16()), self.width),
+            },
+            schema=output_schema(self.width),
+        )
+        storage.write_parquet(table_uri(task.out, shard.index), table, task.stage_fingerprint, {"shard": shard.index})
+        timings.write += time.perf_counter() - t0
+        total = time.perf_counter() - t_start
+        stats = {
+            "shard": shard.index,
+            "fingerprint": task.fingerprint,
+            "planned": len(shard),
+            "images": len(rows),
+            "failed": len(failures),
+            "failures": failures,
+            "first_image_id": shard.image_ids[0] if len(shard) else None,
+            "seconds": {
+                "read": round(timings.read, 4),
+                "decode": round(timings.decode, 4),
+                "infer": round(timings.infer, 4),
+                "write": round(timings.write, 4),
+                "total": round(total, 4),
+            },
+            "images_per_second": round(len(rows) / total, 3) if total > 0 else None,
+            "started": started,
+            "finished": time.time(),
+            "worker": {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "device": self.device,
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "torch_threads": torch.get_num_threads(),
+                "decode_threads": decode_threads,
+                "precision": self.compute.precision,
+                "batch_size": self.compute.batch_size,
+            },
+        }
+        storage.write_json(stats_uri(task.out, shard.index), stats)
+        return stats
+
+
+def plan_uri(out: str) -> str:
+    return storage.join(out, "plan.parquet")
+
+
+def write_plan(root: str, out: str, shard_size: int) -> dict:
+    """List the dataset, cut shards and write ``plan.parquet``; returns a small summary."""
+    from salient import plan as planmod
+
+    listing = planmod.list_images(root)
+    table = planmod.cut_shards(listing, shard_size)
+    if table.num_rows == 0:
+        raise ValueError(f"dataset.root = {root!r}: no images (.jpeg .jpg .png) in any class folder")
+    fp = storage.fingerprint(table.column("relpath").to_pylist(), table.column("bytes").to_pylist(), shard_size)
+    storage.write_parquet(plan_uri(out), table, fp, {"root": root, "shard_size": shard_size})
+    return {
+        "uri": plan_uri(out),
+        "images": table.num_rows,
+        "classes": len(listing.classes),
+        "shards": int(table.column("shard").to_numpy().max()) + 1,
+        "bytes": int(table.column("bytes").to_numpy().sum()),
+    }
+
+
+def shard_tasks(root: str, out: str, weights_sha256: str, model: ModelConfig, preprocess: PreprocessConfig) -> tuple[list[ShardTask], list[dict]]:
+    """The plan's shards split into work still to do and the stats of shards already committed."""
+    from salient import plan as planmod
+
+    stage = stage_fingerprint(weights_sha256, model, preprocess)
+    todo: list[ShardTask] = []
+    done: list[dict] = []
+    for shard in planmod.shards_of(storage.read_parquet(plan_uri(out))):
+        fp = shard_fingerprint(stage, shard)
+        stats = committed_stats(out, shard.index, fp)
+        if stats is None:
+            todo.append(ShardTask(shard, root, out, fp, stage))
+        else:
+            done.append(stats)
+    return todo, done
+
+
+def summarize(stats: list[dict], out: str) -> dict:
+    """Totals over shard stats, and where each shard's failures are listed."""
+    stats = sorted(stats, key=lambda s: s["shard"])
+    seconds = sum(s["seconds"]["total"] for s in stats)
+    return {
+        "shards": len(stats),
+        "planned": sum(s["planned"] for s in stats),
+        "images": sum(s["images"] for s in stats),
+        "failed": sum(s["failed"] for s in stats),
+        "failure_lists": [stats_uri(out, s["shard"]) for s in stats if s["failed"]],
+        "worker_seconds": round(seconds, 3),
+        "images_per_worker_second": round(sum(s["images"] for s in stats) / seconds, 3) if seconds else None,
+    }

@@ -1,0 +1,331 @@
+"""The one typed configuration shared by every command and every Prefect flow.
+
+A YAML file plus ``--set section.key=value`` overrides. Sections a command does not use are
+optional; :func:`check` runs the pre-flight checks for the sections a command uses, before any
+compute, and reports each failure as one line naming the key and its value.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from salient import storage
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+
+# Keys holding local paths or URIs; relative local paths in a file are taken relative to that file.
+PATH_KEYS = (
+    ("dataset", "root"),
+    ("dataset", "class_metadata"),
+    ("dataset", "groundtruth"),
+    ("model", "checkpoint"),
+    ("output",),
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DatasetConfig(_Section):
+    """Where the images are: an ImageFolder root ``<root>/<wnid>/<file>``."""
+
+    root: str = Field(description="ImageFolder root URI: <root>/<wnid>/<file>")
+    class_metadata: str | None = Field(None, description="CSV of class names/definitions, like imagenet_class_metadata.csv")
+    groundtruth: str | None = Field(
+        None, description="groundtruth.parquet of a synthetic world; default: one beside or above the root"
+    )
+
+
+class ModelConfig(_Section):
+    """The classifier whose neurons are studied."""
+
+    checkpoint: str = Field(description="checkpoint URI (robustness or torchvision state dict)")
+    format: Literal["robustness", "torchvision", "auto"] = "auto"
+    arch: str = Field("resnet50", description="torchvision classifier name, a Salient arch, or timm:<name>")
+
+
+class PreprocessConfig(_Section):
+    """Resize (shorter side, bilinear) then centre crop, in pixels."""
+
+    resize: int = Field(256, gt=0)
+    crop: int = Field(224, gt=0)
+
+    @model_validator(mode="after")
+    def _crop_fits(self) -> PreprocessConfig:
+        if self.crop > self.resize:
+            raise ValueError(f"crop ({self.crop}) must not exceed resize ({self.resize})")
+        return self
+
+
+class ComputeConfig(_Section):
+    """How work is spread over Ray workers. Unset values are chosen for the machine at run time."""
+
+    workers: int | None = Field(None, gt=0, description="number of worker actors; default: one per GPU, else one")
+    gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per worker; default 1 with GPUs, 0 means CPU")
+    cpus_per_worker: float | None = Field(None, gt=0, description="CPUs per worker; default: all cores on a CPU-only machine")
+    batch_size: int = Field(64, gt=0)
+    shard_size: int = Field(5000, gt=0, description="images per shard")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    decode_threads: int | None = Field(None, gt=0, description="image decoding threads per worker; default: its CPUs")
+    ray_address: str | None = Field(None, description="existing Ray cluster (ray://host:port or auto); default: a private local Ray")
+
+
+class Config(BaseModel):
+    """A whole Salient configuration. Every section is optional until a command needs it."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    dataset: DatasetConfig | None = None
+    model: ModelConfig | None = None
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    output: str | None = Field(None, description="output root URI")
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+
+    @field_validator("output")
+    @classmethod
+    def _output_not_empty(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used. ``lines`` holds one message per problem."""
+
+    def __init__(self, lines: Sequence[str]) -> None:
+        self.lines = list(lines)
+        super().__init__("\n".join(self.lines))
+
+
+def _loc(loc: Iterable[Any]) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _value_at(raw: Any, loc: Sequence[Any]) -> Any:
+    for part in loc:
+        if isinstance(raw, dict) and part in raw:
+            raw = raw[part]
+        elif isinstance(raw, list) and isinstance(part, int) and part < len(raw):
+            raw = raw[part]
+        else:
+            return None
+    return raw
+
+
+def _format_errors(exc: ValidationError, raw: dict[str, Any]) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+        key = _loc(loc) or "config"
+        if err["type"] == "extra_forbidden":
+            known = _known_keys(loc[0] if len(loc) > 1 else None)
+            lines.append(f"{key} = {_value_at(raw, loc)!r}: unknown key; known keys here: {', '.join(known)}")
+        elif err["type"] == "missing":
+            lines.append(f"{key}: missing; set it in the config file or with --set {key}=...")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{key} = {_value_at(raw, loc)!r}: {msg}")
+    return lines
+
+
+def _known_keys(section: Any) -> list[str]:
+    if section is None:
+        return list(Config.model_fields)
+    annotation = Config.model_fields[section].annotation
+    for cls in getattr(annotation, "__args__", (annotation,)):
+        if isinstance(cls, type) and issubclass(cls, BaseModel):
+            return list(cls.model_fields)
+    return []
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``section.key=value`` as (path, value); the value is read as a YAML scalar/list."""
+    if "=" not in text:
+        raise ConfigError([f"--set {text!r}: expected section.key=value"])
+    key, _, value = text.partition("=")
+    path = [p for p in key.strip().split(".")]
+    if not all(path):
+        raise ConfigError([f"--set {text!r}: expected section.key=value"])
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return path, parsed
+
+
+def _set_in(raw: dict[str, Any], path: list[str], value: Any) -> None:
+    node = raw
+    for part in path[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[path[-1]] = value
+
+
+def _resolve_paths(raw: dict[str, Any], base_dir: str) -> None:
+    """Make relative local paths in ``raw`` relative to ``base_dir``."""
+    for path in PATH_KEYS:
+        parent = raw if len(path) == 1 else raw.get(path[0])
+        if not isinstance(parent, dict):
+            continue
+        value = parent.get(path[-1])
+        if isinstance(value, str) and value and storage.is_local(value):
+            local = value.removeprefix("file://")
+            if not os.path.isabs(os.path.expanduser(local)):
+                parent[path[-1]] = os.path.normpath(os.path.join(base_dir, local))
+
+
+def load(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Read a config file (any fsspec URI; None for an empty one) and apply ``--set`` overrides.
+
+    Relative local paths in the file are relative to the file; in overrides, to the working directory.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = storage.read_bytes(path).decode("utf-8")
+        except FileNotFoundError:
+            raise ConfigError([f"config file {path!r} does not exist"]) from None
+        except UnicodeDecodeError:
+            raise ConfigError([f"config file {path!r} is not UTF-8 text"]) from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"config file {path!r} is not valid YAML: {str(exc).splitlines()[0]}"]) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError([f"config file {path!r} must hold a mapping of sections, not a {type(loaded).__name__}"])
+        raw = loaded or {}
+        if storage.is_local(path):
+            _resolve_paths(raw, os.path.dirname(os.path.abspath(path.removeprefix("file://"))))
+    over: dict[str, Any] = {}
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_in(over, key, value)
+    _resolve_paths(over, os.getcwd())
+    for key, value in _flatten(over):
+        _set_in(raw, key, value)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, raw)) from None
+
+
+def _flatten(d: dict[str, Any], prefix: tuple[str, ...] = ()) -> Iterable[tuple[list[str], Any]]:
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            yield from _flatten(v, prefix + (k,))
+        else:
+            yield [*prefix, k], v
+
+
+def to_yaml(cfg: Config) -> str:
+    """The config as YAML, without unset optional sections."""
+    return yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+
+# ---- pre-flight checks -------------------------------------------------------------------------
+
+SECTIONS = ("dataset", "model", "output", "preprocess", "compute")
+
+
+def _require(cfg: Config, sections: Iterable[str]) -> list[str]:
+    hints = {"dataset": "dataset.root", "model": "model.checkpoint", "output": "output"}
+    return [
+        f"{s}: missing; this command needs {hints[s]} (set it in the config or with --set {hints[s]}=...)"
+        for s in sections
+        if s in hints and getattr(cfg, s) is None
+    ]
+
+
+def check_dataset(cfg: Config, max_folders: int = 8) -> list[str]:
+    """The dataset root exists and holds class folders with images; optional files exist."""
+    assert cfg.dataset is not None
+    root = cfg.dataset.root
+    problems = []
+    try:
+        fs, path = storage.url_to_fs(root)
+        if not fs.isdir(path):
+            return [f"dataset.root = {root!r}: does not exist or is not a directory; point it at an ImageFolder root (<root>/<wnid>/<image>)"]
+        folders = sorted(e["name"] for e in fs.ls(path, detail=True) if e["type"] == "directory")
+    except Exception as exc:  # noqa: BLE001 -- any filesystem error is reported as this key's problem
+        return [f"dataset.root = {root!r}: cannot be listed ({type(exc).__name__}: {exc})"]
+    if not folders:
+        problems.append(f"dataset.root = {root!r}: has no class folders; expected <root>/<wnid>/<image>")
+    else:
+        with_images = 0
+        for folder in folders[:max_folders]:
+            if any(str(n).lower().endswith(IMAGE_EXTENSIONS) for n in fs.ls(folder, detail=False)):
+                with_images += 1
+        if with_images == 0:
+            problems.append(
+                f"dataset.root = {root!r}: class folders hold no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                "expected <root>/<wnid>/<image>"
+            )
+    for key in ("class_metadata", "groundtruth"):
+        value = getattr(cfg.dataset, key)
+        if value is not None and not storage.exists(value):
+            problems.append(f"dataset.{key} = {value!r}: does not exist")
+    if cfg.dataset.class_metadata is not None and storage.exists(cfg.dataset.class_metadata):
+        from salient import metadata
+
+        try:
+            metadata.read_class_metadata(cfg.dataset.class_metadata)
+        except ValueError as exc:
+            problems.append(f"dataset.class_metadata = {cfg.dataset.class_metadata!r}: {exc}")
+    return problems
+
+
+def check_model(cfg: Config, need_discovery: bool = False) -> list[str]:
+    """The architecture is known and the checkpoint loads for it."""
+    from salient import models
+
+    assert cfg.model is not None
+    m = cfg.model
+    if not models.known_arch(m.arch):
+        return [
+            f"model.arch = {m.arch!r}: unknown; use a torchvision classifier name (e.g. resnet50), "
+            f"one of {sorted(models.LOCAL_ARCHS)}, or timm:<name> with timm installed"
+        ]
+    try:
+        model = models.load(m.checkpoint, m.arch, m.format)
+    except models.CheckpointError as exc:
+        return [f"model.checkpoint = {m.checkpoint!r}: {exc}"]
+    if need_discovery and not model.supports_discovery:
+        return [f"model.arch = {m.arch!r}: has no last conv stage and final linear layer; discovery needs a ResNet-like CNN"]
+    return []
+
+
+def check_output(cfg: Config) -> list[str]:
+    """The output root can be written."""
+    assert cfg.output is not None
+    try:
+        storage.check_writable(cfg.output)
+    except Exception as exc:  # noqa: BLE001 -- report any storage failure against the key
+        return [f"output = {cfg.output!r}: not writable ({type(exc).__name__}: {exc})"]
+    return []
+
+
+def check(cfg: Config, sections: Iterable[str], need_discovery: bool = False) -> None:
+    """Run the checks for ``sections`` only; raise :class:`ConfigError` listing every failure."""
+    sections = list(sections)
+    problems = _require(cfg, sections)
+    if not problems:
+        if "dataset" in sections:
+            problems += check_dataset(cfg)
+        if "model" in sections:
+            problems += check_model(cfg, need_discovery)
+        if "output" in sections:
+            problems += check_output(cfg)
+    if problems:
+        raise ConfigError(problems)
+
+
+def present_sections(cfg: Config) -> list[str]:
+    """The checkable sections that this config sets."""
+    return [s for s in ("dataset", "model", "output") if getattr(cfg, s) is not None]

@@ -1,0 +1,346 @@
+"""Classifiers as Salient sees them: ``[0, 1]`` RGB images in, ``(logits, features, maps)`` out.
+
+Checkpoints are read with ``torch.load(weights_only=True)`` only: a file that holds anything but
+tensors and plain containers is refused before any of it runs.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import zipfile
+from collections.abc import Mapping
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock
+
+from salient import storage
+
+# ImageNet statistics, applied inside the wrapper so that masks and noise live in pixel space.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+ROBUSTNESS_PREFIX = "module.model."
+# Present in every MadryLab `robustness` checkpoint beside the classifier; not part of the classifier.
+ROBUSTNESS_IGNORED_PREFIXES = ("module.attacker.", "module.normalizer.")
+
+CheckpointFormat = Literal["robustness", "torchvision", "auto"]
+CHECKPOINT_FORMATS: tuple[str, ...] = ("robustness", "torchvision", "auto")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, unsafe, or not matching the architecture."""
+
+
+class ModelOutput(NamedTuple):
+    """What a forward pass returns. ``features``/``maps`` are None for models without a last conv stage."""
+
+    logits: Tensor
+    features: Tensor | None
+    maps: Tensor | None
+
+
+class TinyResNet(nn.Module):
+    """A small ResNet (BasicBlocks, output stride 8) for the demo world.
+
+    It has the torchvision ResNet's attribute names, so every code path that handles ResNets
+    handles it too. At a 64 px crop its last conv stage is 8x8.
+    """
+
+    widths = (16, 32, 64, 128)
+    strides = (1, 2, 2, 1)
+
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, self.widths[0], kernel_size=3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(self.widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity()
+        in_ch = self.widths[0]
+        for i, (width, stride) in enumerate(zip(self.widths, self.strides), start=1):
+            downsample = None
+            if stride != 1 or in_ch != width:
+                downsample = nn.Sequential(
+                    nn.Conv2d(in_ch, width, kernel_size=1, stride=stride, bias=False),
+                    nn.BatchNorm2d(width),
+                )
+            setattr(self, f"layer{i}", nn.Sequential(BasicBlock(in_ch, width, stride, downsample)))
+            in_ch = width
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_ch, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+LOCAL_ARCHS: dict[str, type[nn.Module]] = {"tiny_resnet": TinyResNet}
+
+
+def is_resnet_like(net: nn.Module) -> bool:
+    """True for networks with a ResNet's stem, four stages, global pooling and a final linear layer."""
+    names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc")
+    return all(hasattr(net, n) for n in names) and isinstance(net.fc, nn.Linear)
+
+
+class SalientModel(nn.Module):
+    """An eval-mode classifier taking ``[0, 1]`` images, with ImageNet normalisation inside.
+
+    ``supports_discovery`` is True when the network has a last conv stage and a final linear layer
+    (ResNets and the like): then ``features`` are the global-average-pooled ``maps`` of that stage
+    (after its ReLU) and ``fc_weight`` is the final layer's weight. Other classifiers give logits only.
+    """
+
+    def __init__(self, net: nn.Module, arch: str) -> None:
+        super().__init__()
+        self.net = net
+        self.arch = arch
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.supports_discovery = is_resnet_like(net)
+        self.eval()
+
+    @property
+    def num_classes(self) -> int:
+        return _final_linear_weight(self.net.state_dict())[1].shape[0]
+
+    @property
+    def feature_dim(self) -> int:
+        if not self.supports_discovery:
+            raise ValueError(f"arch {self.arch!r} has no penultimate conv features; use a ResNet-like arch")
+        return self.net.fc.in_features
+
+    @property
+    def fc_weight(self) -> Tensor:
+        if not self.supports_discovery:
+            raise ValueError(f"arch {self.arch!r} has no final linear layer over conv features")
+        return self.net.fc.weight.detach()
+
+    def forward(self, x: Tensor) -> ModelOutput:
+        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        if not self.supports_discovery:
+            return ModelOutput(self.net(x), None, None)
+        n = self.net
+        h = n.maxpool(n.relu(n.bn1(n.conv1(x))))
+        maps = n.layer4(n.layer3(n.layer2(n.layer1(h))))
+        features = torch.flatten(n.avgpool(maps), 1)
+        return ModelOutput(n.fc(features), features, maps)
+
+
+def _fuse_conv_bn(module: nn.Module) -> None:
+    """Fold eval-mode BatchNorms into the convolutions before them, in place (ResNet naming)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    for child in module.children():
+        _fuse_conv_bn(child)
+    names = dict(module.named_children())
+    for name, conv in names.items():
+        bn_name = name.replace("conv", "bn") if name.startswith("conv") else None
+        if isinstance(module, nn.Sequential) and name.isdigit():
+            bn_name = str(int(name) + 1)
+        bn = names.get(bn_name) if bn_name else None
+        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+            setattr(module, name, fuse_conv_bn_eval(conv, bn))
+            setattr(module, bn_name, nn.Identity())
+
+
+def prepare_for_inference(model: SalientModel, device: str = "cpu") -> SalientModel:
+    """``model`` on ``device`` in channels-last layout with BatchNorm folded into the convolutions.
+
+    Outputs equal the unfused model's up to float rounding.
+    """
+    model = model.eval()
+    _fuse_conv_bn(model.net)
+    return model.to(device=device, memory_format=torch.channels_last)
+
+
+def build_arch(arch: str, num_classes: int) -> nn.Module:
+    """An untrained network of the named architecture: a Salient arch, a torchvision classifier,
+    or ``timm:<name>`` when timm is installed."""
+    if arch in LOCAL_ARCHS:
+        return LOCAL_ARCHS[arch](num_classes=num_classes)
+    if arch.startswith("timm:"):
+        try:
+            import timm  # optional dependency
+        except ImportError as exc:
+            raise CheckpointError(f"model arch {arch!r} needs timm; install it with `pip install timm`") from exc
+        return timm.create_model(arch.removeprefix("timm:"), pretrained=False, num_classes=num_classes)
+    import torchvision.models as tvm
+
+    known = tvm.list_models(module=tvm)
+    if arch not in known:
+        raise CheckpointError(
+            f"unknown model arch {arch!r}: use a torchvision classifier name (e.g. resnet50, "
+            f"convnext_tiny, vit_b_16), one of {sorted(LOCAL_ARCHS)}, or timm:<name>"
+        )
+    return tvm.get_model(arch, weights=None, num_classes=num_classes)
+
+
+def known_arch(arch: str) -> bool:
+    """Whether ``arch`` names an architecture this installation can build."""
+    if arch in LOCAL_ARCHS:
+        return True
+    if arch.startswith("timm:"):
+        try:
+            import timm  # optional dependency
+        except ImportError:
+            return False
+        return arch.removeprefix("timm:") in timm.list_models()
+    import torchvision.models as tvm
+
+    return arch in tvm.list_models(module=tvm)
+
+
+def read_checkpoint(checkpoint: str) -> Mapping[str, object]:
+    """The checkpoint's top-level object, loaded with ``weights_only=True`` from any fsspec URI."""
+    try:
+        data = storage.read_bytes(checkpoint)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"checkpoint {checkpoint!r} does not exist") from exc
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"checkpoint {checkpoint!r} holds pickled objects other than tensors and was refused "
+            f"({first[:200]}); re-save it as a plain state dict: torch.save(model.state_dict(), path)"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise CheckpointError(
+            f"checkpoint {checkpoint!r} is not a readable PyTorch file ({type(exc).__name__}: "
+            f"{str(exc)[:160]}); it may be truncated or another kind of file"
+        ) from None
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"checkpoint {checkpoint!r} holds a {type(obj).__name__}, not a state dict or a dict holding one"
+        )
+    return obj
+
+
+def _is_state_dict(obj: object) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()
+    )
+
+
+def extract_state_dict(obj: Mapping[str, object], format: CheckpointFormat = "auto") -> dict[str, Tensor]:
+    """The classifier's plain state dict from a checkpoint's top-level object.
+
+    ``robustness``: a dict with ``model`` (or ``state_dict``) whose classifier sits under
+    ``module.model.``; ``module.attacker.*`` and ``module.normalizer.*`` are ignored.
+    ``torchvision``: a plain state dict, or a dict holding one under ``state_dict`` / ``model``.
+    ``auto``: whichever fits.
+    """
+    if format not in CHECKPOINT_FORMATS:
+        raise CheckpointError(f"unknown checkpoint format {format!r}: use one of {', '.join(CHECKPOINT_FORMATS)}")
+    inner: Mapping[str, object] | None = None
+    if _is_state_dict(obj):
+        inner = obj
+    else:
+        for key in ("model", "state_dict"):
+            if _is_state_dict(obj.get(key)):
+                inner = obj[key]  # type: ignore[assignment]
+                break
+    if inner is None:
+        keys = ", ".join(sorted(map(str, obj))[:6])
+        raise CheckpointError(
+            f"checkpoint has no state dict (top-level keys: {keys}); expected a state dict or a dict "
+            "with one under 'model' or 'state_dict'"
+        )
+    is_robustness = any(k.startswith(ROBUSTNESS_PREFIX) for k in inner)
+    if format == "robustness" and not is_robustness:
+        raise CheckpointError(
+            f"checkpoint is not in the robustness format: no key starts with {ROBUSTNESS_PREFIX!r} "
+            f"(e.g. {', '.join(list(inner)[:3])}); set model.format to torchvision or auto"
+        )
+    if format == "torchvision" and is_robustness:
+        raise CheckpointError(
+            "checkpoint is in the robustness format (keys under 'module.model.'); set model.format to robustness or auto"
+        )
+    if is_robustness:
+        state: dict[str, Tensor] = {}
+        stray: list[str] = []
+        for key, value in inner.items():
+            if key.startswith(ROBUSTNESS_PREFIX):
+                state[key.removeprefix(ROBUSTNESS_PREFIX)] = value  # type: ignore[assignment]
+            elif not key.startswith(ROBUSTNESS_IGNORED_PREFIXES):
+                stray.append(key)
+        if stray:
+            raise CheckpointError(
+                f"robustness checkpoint has {len(stray)} keys outside module.model/attacker/normalizer "
+                f"(e.g. {', '.join(stray[:3])})"
+            )
+        return state
+    state = dict(inner)  # type: ignore[arg-type]
+    if all(k.startswith("module.") for k in state):  # saved from DataParallel
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
+def _final_linear_weight(state: Mapping[str, Tensor]) -> tuple[str, Tensor]:
+    for key in reversed(list(state)):
+        if key.endswith(".weight") and state[key].ndim == 2:
+            return key, state[key]
+    raise CheckpointError("checkpoint has no final linear layer (no 2-D '.weight' tensor) to read the number of classes from")
+
+
+def num_classes_of(state: Mapping[str, Tensor]) -> int:
+    """The number of classes, read from the final linear layer's weight."""
+    return int(_final_linear_weight(state)[1].shape[0])
+
+
+def _fit(net: nn.Module, state: Mapping[str, Tensor], arch: str) -> None:
+    expected = net.state_dict()
+    # Older checkpoints lack BatchNorm's step counter; it does not affect inference.
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+    if wrong_shape:
+        problems.append(f"{len(wrong_shape)} keys of the wrong shape (e.g. {'; '.join(wrong_shape[:2])})")
+    if problems:
+        raise CheckpointError(f"checkpoint does not fit model.arch {arch!r}: " + ", ".join(problems) + "; check model.arch")
+    net.load_state_dict(state, strict=False)
+
+
+def load(checkpoint: str, arch: str = "resnet50", format: CheckpointFormat = "auto") -> SalientModel:
+    """Load a classifier checkpoint (any fsspec URI) as an eval-mode :class:`SalientModel` on the CPU."""
+    state = extract_state_dict(read_checkpoint(checkpoint), format)
+    net = build_arch(arch, num_classes_of(state))
+    _fit(net, state, arch)
+    return SalientModel(net, arch)
+
+
+def robustness_checkpoint(net: nn.Module, epoch: int = 0, optimizer: Mapping[str, object] | None = None) -> dict[str, object]:
+    """A checkpoint dict laid out like the MadryLab ``robustness`` library's."""
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    model: dict[str, Tensor] = {}
+    for prefix in (ROBUSTNESS_PREFIX, "module.attacker.model."):
+        model.update({prefix + k: v for k, v in state.items()})
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    for prefix in ("module.normalizer.", "module.attacker.normalize."):
+        model[prefix + "new_mean"] = mean
+        model[prefix + "new_std"] = std
+    return {"model": model, "epoch": epoch, "optimizer": dict(optimizer or {}), "schedule": None}
+
+
+def save_checkpoint(net: nn.Module, uri: str, format: Literal["robustness", "torchvision"] = "robustness", epoch: int = 0) -> None:
+    """Write ``net``'s weights atomically to ``uri`` in the given checkpoint format."""
+    if isinstance(net, SalientModel):
+        net = net.net
+    obj = robustness_checkpoint(net, epoch) if format == "robustness" else net.state_dict()
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    storage.write_bytes_atomic(uri, buf.getvalue())

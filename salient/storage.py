@@ -1,0 +1,188 @@
+"""All input and output, through fsspec URIs (``file://``, plain paths, ``s3://``, ``gs://``, ``memory://``).
+
+Writes are atomic: a reader sees the previous object or the complete new one, never a part.
+Locally that is a temporary file renamed into place; on object stores a single PUT already is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import posixpath
+import re
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+SCHEMA_VERSION = "1"
+SCHEMA_KEY = b"salient.schema_version"
+FINGERPRINT_KEY = b"salient.fingerprint"
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+class UnsafePathError(ValueError):
+    """A relative path taken from an input that would leave its root."""
+
+
+def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and the path within it for ``uri``."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path
+
+
+def is_local(uri: str) -> bool:
+    """True when ``uri`` is on the local filesystem."""
+    return isinstance(url_to_fs(uri)[0], LocalFileSystem)
+
+
+def normalize_uri(uri: str) -> str:
+    """``uri`` with a local path made absolute (URIs with a scheme are returned as given)."""
+    if _SCHEME.match(uri) and not uri.startswith("file://"):
+        return uri.rstrip("/") or uri
+    path = uri.removeprefix("file://")
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def join(base: str, *parts: str) -> str:
+    """``base`` and ``parts`` joined with ``/``, keeping the scheme of ``base``."""
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def safe_relpath(rel: str) -> str:
+    """``rel`` if it stays inside whatever root it is joined to, else :class:`UnsafePathError`.
+
+    Refused: empty paths, absolute paths, ``..`` or ``.`` components, backslashes, NUL bytes,
+    drive letters and URL schemes.
+    """
+    if not isinstance(rel, str) or not rel:
+        raise UnsafePathError(f"relative path {rel!r} is empty")
+    if "\x00" in rel or "\\" in rel:
+        raise UnsafePathError(f"relative path {rel!r} contains a backslash or NUL byte")
+    if _SCHEME.match(rel) or rel.startswith(("/", "~")):
+        raise UnsafePathError(f"relative path {rel!r} is absolute or has a scheme; it must stay under its root")
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise UnsafePathError(f"relative path {rel!r} has an empty, '.' or '..' component; it must stay under its root")
+    return rel
+
+
+def under(root: str, rel: str) -> str:
+    """The URI of ``rel`` inside ``root``, refusing paths that would escape it."""
+    return join(root, safe_relpath(rel))
+
+
+def exists(uri: str) -> bool:
+    fs, path = url_to_fs(uri)
+    return fs.exists(path)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = url_to_fs(uri)
+    return fs.cat_file(path)
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Write ``data`` to ``uri`` so that no partial object is ever visible under that name.
+
+    Temporary names end in ``.tmp-<random>``, never in ``.parquet`` or ``.json``.
+    """
+    fs, path = url_to_fs(uri)
+    if isinstance(fs, LocalFileSystem):
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    else:
+        fs.pipe_file(path, data)
+
+
+def remove(uri: str, recursive: bool = False) -> None:
+    """Delete ``uri`` if it exists."""
+    fs, path = url_to_fs(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
+
+
+def sha256(uri: str, chunk: int = 1 << 22) -> str:
+    """The SHA-256 hex digest of the object at ``uri``, streamed."""
+    fs, path = url_to_fs(uri)
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(*parts: Any) -> str:
+    """A stable hex digest of JSON-serialisable ``parts``."""
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+def write_parquet(uri: str, table: pa.Table, fingerprint: str, metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``table`` as zstd Parquet, with the schema version and the build fingerprint in its metadata."""
+    meta = dict(table.schema.metadata or {})
+    meta[SCHEMA_KEY] = SCHEMA_VERSION.encode()
+    meta[FINGERPRINT_KEY] = fingerprint.encode()
+    for key, value in (metadata or {}).items():
+        meta[f"salient.{key}".encode()] = str(value).encode()
+    buf = io.BytesIO()
+    pq.write_table(table.replace_schema_metadata(meta), buf, compression="zstd")
+    write_bytes_atomic(uri, buf.getvalue())
+
+
+def _parquet_source(uri: str) -> str | io.BytesIO:
+    # Local files are read by path. Other stores are fetched whole: handing pyarrow a Python
+    # filesystem object can abort the interpreter at exit.
+    fs, path = url_to_fs(uri)
+    return path if isinstance(fs, LocalFileSystem) else io.BytesIO(fs.cat_file(path))
+
+
+def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(_parquet_source(uri), columns=columns)
+
+
+def parquet_metadata(uri: str) -> dict[str, str]:
+    """The ``salient.*`` key-value metadata of a Parquet file, keys without the prefix."""
+    meta = pq.read_schema(_parquet_source(uri)).metadata or {}
+    return {k.decode().removeprefix("salient."): v.decode() for k, v in meta.items() if k.startswith(b"salient.")}
+
+
+def write_json(uri: str, obj: Any) -> None:
+    """Write ``obj`` as pretty JSON, atomically."""
+    write_bytes_atomic(uri, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def check_writable(uri: str) -> None:
+    """Raise ``OSError`` (or the filesystem's error) unless an object can be written under ``uri``."""
+    probe = join(uri, f".salient-write-probe-{uuid.uuid4().hex}")
+    write_bytes_atomic(probe, b"ok")
+    remove(probe)
+
+
+def basename(uri: str) -> str:
+    return posixpath.basename(uri.rstrip("/"))

@@ -1,0 +1,145 @@
+"""A pool of Ray actors, each built once from a builder (loading its model once), that work through
+a list of items with bounded retries; a dead actor is replaced and its item is run again."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from salient.resources import WorkerResources
+
+log = logging.getLogger("salient.pool")
+
+
+@contextmanager
+def ray_cluster(address: str | None = None) -> Iterator[dict[str, float]]:
+    """Use the running Ray, connect to ``address``, or start a private local Ray (stopped on exit).
+
+    Yields the cluster's total resources.
+    """
+    started = False
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+        started = True
+    try:
+        yield dict(ray.cluster_resources())
+    finally:
+        if started:
+            ray.shutdown()
+
+
+@ray.remote(max_restarts=0)
+class PoolWorker:
+    """Runs items with the callable its builder returns; the builder runs once, in the actor."""
+
+    def __init__(self, builder: Callable[[], Callable[[Any], Any]]) -> None:
+        self.fn = builder()
+
+    def run(self, item: Any) -> Any:
+        return self.fn(item)
+
+    def describe(self) -> dict[str, Any]:
+        ctx = ray.get_runtime_context()
+        return {
+            "pid": os.getpid(),
+            "node_id": ctx.get_node_id(),
+            "gpu_ids": [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])],
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        }
+
+
+@dataclass
+class PoolResult:
+    results: list[Any] = field(default_factory=list)
+    failed: list[tuple[Any, str]] = field(default_factory=list)
+    replaced_workers: int = 0
+    workers: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1] if text else ''}"[:500]
+
+
+def run_pool(
+    builder: Callable[[], Callable[[Any], Any]],
+    items: Sequence[Any],
+    resources: WorkerResources,
+    *,
+    max_attempts: int = 3,
+    on_result: Callable[[Any], None] | None = None,
+    on_retry: Callable[[Any, int, str], None] | None = None,
+) -> PoolResult:
+    """Run every item on ``resources.workers`` actors; each item at most ``max_attempts`` times.
+
+    Items whose attempts are all used up are returned in ``failed`` with the last reason.
+    """
+    out = PoolResult()
+    if not items:
+        return out
+    n_workers = min(resources.workers, len(items))
+
+    def start() -> Any:
+        return PoolWorker.options(num_gpus=resources.gpus_per_worker, num_cpus=resources.cpus_per_worker).remote(builder)
+
+    actors = [start() for _ in range(n_workers)]
+    idle = deque(actors)
+    queue: deque[tuple[Any, int]] = deque((item, 1) for item in items)
+    inflight: dict[Any, tuple[Any, Any, int]] = {}
+    described: set[int] = set()
+
+    def retry(item: Any, attempt: int, reason: str) -> None:
+        if attempt < max_attempts:
+            log.warning("attempt %d of %d failed (%s); retrying", attempt, max_attempts, reason)
+            if on_retry is not None:
+                on_retry(item, attempt, reason)
+            queue.append((item, attempt + 1))
+        else:
+            out.failed.append((item, reason))
+
+    try:
+        while queue or inflight:
+            while queue and idle:
+                actor = idle.popleft()
+                item, attempt = queue.popleft()
+                inflight[actor.run.remote(item)] = (actor, item, attempt)
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            ref = ready[0]
+            actor, item, attempt = inflight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except RayActorError as exc:
+                out.replaced_workers += 1
+                ray.kill(actor, no_restart=True)
+                idle.append(start())
+                retry(item, attempt, _reason(exc))
+                continue
+            except RayTaskError as exc:
+                idle.append(actor)
+                retry(item, attempt, _reason(exc))
+                continue
+            if id(actor) not in described:
+                described.add(id(actor))
+                try:
+                    out.workers.append(ray.get(actor.describe.remote()))
+                except RayActorError:
+                    pass
+            idle.append(actor)
+            out.results.append(result)
+            if on_result is not None:
+                on_result(result)
+    finally:
+        for actor in [*idle, *(a for a, _, _ in inflight.values())]:
+            ray.kill(actor, no_restart=True)
+    return out

@@ -1,0 +1,53 @@
+"""Small worlds made by the tests: image folders with odd files, and checkpoints."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from salient import models
+
+
+def jpeg_bytes(arr: np.ndarray, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def make_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: tuple[int, int] = (40, 48), seed: int = 0) -> list[str]:
+    """Write random RGB JPEGs as ``root/n000c/img_i.JPEG``; returns the relpaths in ImageFolder order."""
+    rng = np.random.default_rng(seed)
+    rels = []
+    for c in range(classes):
+        (root / f"n{c:04d}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            rel = f"n{c:04d}/img_{i:03d}.JPEG"
+            (root / rel).write_bytes(jpeg_bytes(rng.integers(0, 256, (size[0], size[1], 3), dtype=np.uint8)))
+            rels.append(rel)
+    return sorted(rels)
+
+
+def make_checkpoint(path: Path, num_classes: int = 3, arch: str = "tiny_resnet", seed: int = 0) -> str:
+    """A random-weight checkpoint in the robustness format, with non-trivial BatchNorm statistics."""
+    torch.manual_seed(seed)
+    net = models.build_arch(arch, num_classes)
+    g = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    models.save_checkpoint(net.eval(), str(path), "robustness")
+    return str(path)
+
+
+def read_activation_rows(out: str) -> pa.Table:
+    """Every committed activation row of a build output."""
+    parts = sorted(p for p in os.listdir(f"{out}/activations") if p.endswith(".parquet"))
+    return pa.concat_tables(pq.read_table(f"{out}/activations/{p}") for p in parts)

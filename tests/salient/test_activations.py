@@ -1,0 +1,106 @@
+import io
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torchvision
+from PIL import Image
+from torchvision import transforms
+
+from salient import activations, plan, storage
+from salient.config import ComputeConfig, ModelConfig, PreprocessConfig
+from tests.helpers import make_checkpoint, make_image_folder
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def _odd_files(root):
+    """Odd but valid images, and broken files, beside the normal ones. Returns (valid, broken) relpaths."""
+    rng = np.random.default_rng(5)
+    base = Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    valid = {
+        "n0000/cmyk.JPEG": (base.convert("CMYK"), "JPEG"),
+        "n0000/gray.JPEG": (base.convert("L"), "JPEG"),
+        "n0001/palette.png": (base.convert("P"), "PNG"),
+        "n0001/rgba.png": (base.convert("RGBA"), "PNG"),
+        "n0001/png_named.JPEG": (base, "PNG"),
+        "n0002/sixteen.png": (Image.fromarray((rng.integers(0, 65536, (50, 70))).astype(np.uint16)), "PNG"),
+    }
+    for rel, (img, fmt) in valid.items():
+        buf = io.BytesIO()
+        img.save(buf, format=fmt)
+        (root / rel).write_bytes(buf.getvalue())
+    good = (root / "n0000" / "img_000.JPEG").read_bytes()
+    broken = {"n0000/zero.JPEG": b"", "n0001/truncated.JPEG": good[: len(good) // 3], "n0002/garbage.jpg": b"\x00" * 100}
+    for rel, data in broken.items():
+        (root / rel).write_bytes(data)
+    return sorted(valid), sorted(broken)
+
+
+def _reference_features(net, path, resize, crop):
+    """Independent computation: PIL decode, torchvision transforms, the penultimate layer via a hook."""
+    img = Image.open(path)
+    if img.mode.startswith("I"):
+        img = Image.fromarray(np.rint(np.asarray(img, dtype=np.float64) / 257).astype(np.uint8))
+    x = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(crop), transforms.ToTensor()])(img.convert("RGB"))
+    seen = {}
+    handle = net.avgpool.register_forward_hook(lambda m, i, o: seen.setdefault("f", torch.flatten(o, 1)))
+    with torch.no_grad():
+        logits = net((x[None] - MEAN) / STD)
+    handle.remove()
+    return seen["f"][0].numpy(), int(logits.argmax())
+
+
+def test_shard_matches_independent_computation_and_lists_failures(tmp_path):
+    root = tmp_path / "data"
+    make_image_folder(root, classes=3, per_class=4, size=(60, 80))
+    valid, broken = _odd_files(root)
+    ckpt = make_checkpoint(tmp_path / "r18.pt", num_classes=3, arch="resnet18")
+    listing = plan.cut_shards(plan.list_images(str(root)), shard_size=1000)
+    (shard,) = plan.shards_of(listing)
+    out = str(tmp_path / "out")
+    runner = activations.ActivationRunner(
+        ModelConfig(checkpoint=ckpt, arch="resnet18"), PreprocessConfig(resize=72, crop=64),
+        ComputeConfig(batch_size=5, decode_threads=2), threads=2,
+    )
+    stats = runner(activations.ShardTask(shard, str(root), out, "fp-shard", "fp-stage"))
+
+    table = pq.read_table(activations.table_uri(out, 0))
+    assert table.schema.field("features").type == activations.output_schema(512).field("features").type
+    rels = table.column("relpath").to_pylist()
+    failed = {f["relpath"]: f["reason"] for f in stats["failures"]}
+    assert sorted(failed) == broken
+    assert "empty file" in failed["n0000/zero.JPEG"]
+    assert set(valid) <= set(rels)
+    assert sorted(rels + list(failed)) == sorted(shard.relpaths), "every planned image is a row or a failure"
+    assert stats["images"] + stats["failed"] == stats["planned"] == len(shard)
+    assert table.column("image_id").to_pylist() == [shard.image_ids[shard.relpaths.index(r)] for r in rels]
+    assert table.column("label").to_pylist() == [int(r[1:5]) for r in rels]
+
+    net = torchvision.models.resnet18(num_classes=3)
+    net.load_state_dict({k.removeprefix("module.model."): v for k, v in torch.load(ckpt, weights_only=True)["model"].items() if k.startswith("module.model.")})
+    net.eval()
+    feats = np.asarray(table.column("features").to_pylist(), dtype=np.float32)
+    preds = table.column("pred").to_pylist()
+    for i, rel in enumerate(rels):
+        ref, ref_pred = _reference_features(net, root / rel, 72, 64)
+        np.testing.assert_allclose(feats[i], ref, rtol=2e-3, atol=2e-3 * float(np.abs(ref).max()))
+        assert preds[i] == ref_pred, rel
+
+    assert set(stats["seconds"]) == {"read", "decode", "infer", "write", "total"}
+    assert storage.read_json(activations.stats_uri(out, 0))["fingerprint"] == "fp-shard"
+    assert activations.committed_stats(out, 0, "fp-shard") is not None
+    assert activations.committed_stats(out, 0, "other") is None
+
+
+def test_all_images_failing_still_commits_an_empty_shard(tmp_path):
+    root = tmp_path / "data"
+    (root / "n0000").mkdir(parents=True)
+    (root / "n0000" / "a.JPEG").write_bytes(b"")
+    ckpt = make_checkpoint(tmp_path / "t.pt", num_classes=1)
+    (shard,) = plan.shards_of(plan.cut_shards(plan.list_images(str(root)), 10))
+    runner = activations.ActivationRunner(ModelConfig(checkpoint=ckpt, arch="tiny_resnet"), PreprocessConfig(resize=32, crop=32), ComputeConfig())
+    stats = runner(activations.ShardTask(shard, str(root), str(tmp_path / "out"), "f", "s"))
+    assert (stats["images"], stats["failed"]) == (0, 1)
+    assert pq.read_table(activations.table_uri(str(tmp_path / "out"), 0)).num_rows == 0

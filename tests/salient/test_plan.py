@@ -1,0 +1,38 @@
+import pytest
+from torchvision.datasets import ImageFolder
+
+from salient import plan
+from tests.helpers import make_image_folder
+
+
+def test_listing_follows_imagefolder_order(tmp_path):
+    make_image_folder(tmp_path, classes=3, per_class=5)
+    (tmp_path / "n0001" / "extra.png").write_bytes((tmp_path / "n0001" / "img_000.JPEG").read_bytes())
+    (tmp_path / "n0002" / "UPPER.JPG").write_bytes((tmp_path / "n0002" / "img_000.JPEG").read_bytes())
+    (tmp_path / "n0002" / "notes.txt").write_text("not an image")
+    (tmp_path / "n0000" / "nested").mkdir()
+    listing = plan.list_images(str(tmp_path), threads=2)
+    ref = ImageFolder(str(tmp_path), is_valid_file=lambda p: p.lower().endswith((".jpeg", ".jpg", ".png")))
+    expected = [(p.removeprefix(str(tmp_path) + "/"), label) for p, label in ref.samples]
+    got = list(zip(listing.table.column("relpath").to_pylist(), listing.table.column("label").to_pylist()))
+    assert got == expected
+    assert listing.classes == ref.classes
+    assert listing.table.column("image_id").to_pylist() == list(range(len(expected)))
+    sizes = listing.table.column("bytes").to_pylist()
+    assert sizes == [(tmp_path / rel).stat().st_size for rel, _ in expected]
+
+
+def test_shards_are_consecutive_runs(tmp_path):
+    make_image_folder(tmp_path, classes=3, per_class=5)
+    table = plan.cut_shards(plan.list_images(str(tmp_path)), shard_size=4)
+    shards = plan.shards_of(table)
+    assert [len(s) for s in shards] == [4, 4, 4, 3]
+    assert [i for s in shards for i in s.image_ids] == list(range(15))
+    assert shards == plan.shards_of(plan.cut_shards(plan.list_images(str(tmp_path)), shard_size=4))
+
+
+def test_empty_or_missing_root(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        plan.list_images(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="no class folders"):
+        plan.list_images(str(tmp_path))

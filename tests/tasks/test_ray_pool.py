@@ -1,0 +1,84 @@
+import functools
+import os
+import signal
+import time
+
+from salient import activations
+from salient.resources import WorkerResources
+from tests.helpers import read_activation_rows
+
+class _KillMidShard:
+    """Runs shards, but SIGKILLs its own process after the first batch of shard 1, once."""
+
+    def __init__(self, runner, marker):
+        self.runner, self.marker = runner, marker
+
+    def __call__(self, task):
+        if task.shard.index == 1 and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            return self.runner(task, on_batch=lambda n: os.kill(os.getpid(), signal.SIGKILL))
+        return self.runner(task)
+
+
+def _killing_builder(cfg, marker):
+    return _KillMidShard(activations.ActivationRunner(cfg.model, cfg.preprocess, cfg.compute, threads=1), marker)
+
+
+def test_killed_worker_loses_and_duplicates_nothing(activation_world, tmp_path, ray_session):
+    from tasks.ray_pool import run_pool
+
+    cfg, planned = activation_world
+    activations.write_plan(cfg.dataset.root, cfg.output, cfg.compute.shard_size)
+    todo, done = activations.shard_tasks(cfg.dataset.root, cfg.output, "w", cfg.model, cfg.preprocess)
+    assert len(todo) == 5 and not done
+    marker = str(tmp_path / "killed-once")
+    result = run_pool(
+        functools.partial(_killing_builder, cfg, marker), todo, WorkerResources(2, 0.0, 1.0), max_attempts=2
+    )
+    assert os.path.exists(marker) and result.replaced_workers == 1 and not result.failed
+    table = read_activation_rows(cfg.output)
+    rels = table.column("relpath").to_pylist()
+    assert len(rels) == len(set(rels)) == 24
+    stats = sorted(result.results, key=lambda s: s["shard"])
+    assert [s["shard"] for s in stats] == [0, 1, 2, 3, 4]
+    assert sum(s["images"] + s["failed"] for s in stats) == len(planned)
+
+
+class _Rendezvous:
+    """Runs a shard only once two different worker processes are inside a shard at the same time."""
+
+    def __init__(self, runner, folder):
+        self.runner, self.folder = runner, folder
+
+    def __call__(self, task):
+        open(os.path.join(self.folder, str(os.getpid())), "w").close()
+        deadline = time.monotonic() + 60
+        while len(os.listdir(self.folder)) < 2:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the other GPU worker never ran at the same time")
+            time.sleep(0.05)
+        return self.runner(task)
+
+
+def _rendezvous_builder(cfg, folder, threads):
+    return _Rendezvous(activations.ActivationRunner(cfg.model, cfg.preprocess, cfg.compute, threads=threads), folder)
+
+
+def test_two_gpu_workers_run_concurrently_on_their_own_devices(activation_world, tmp_path, ray_session):
+    from salient.resources import plan_workers
+    from tasks.ray_pool import run_pool
+
+    cfg, _ = activation_world
+    cluster = ray_session.cluster_resources()
+    res = plan_workers(cfg.compute, cluster["CPU"], cluster["GPU"])
+    assert (res.workers, res.gpus_per_worker) == (2, 1.0)
+    activations.write_plan(cfg.dataset.root, cfg.output, cfg.compute.shard_size)
+    todo, _ = activations.shard_tasks(cfg.dataset.root, cfg.output, "w", cfg.model, cfg.preprocess)
+    folder = tmp_path / "inside"
+    folder.mkdir()
+    result = run_pool(functools.partial(_rendezvous_builder, cfg, str(folder), res.threads), todo[:2], res, max_attempts=1)
+    assert not result.failed, result.failed
+    assert len(os.listdir(folder)) == 2
+    assert sorted(w["cuda_visible_devices"] for w in result.workers) == ["0", "1"]
+    assert sorted(g for w in result.workers for g in w["gpu_ids"]) == ["0", "1"]
+    assert {s["worker"]["device"] for s in result.results} == {"cpu"}
