@@ -34,6 +34,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.listing
 	$(BIN)/python -m benchmarks.activations
+	$(BIN)/python -m benchmarks.aggregate
 
 clean:
 	rm -rf demo-out .pytest_cache

@@ -22,8 +22,8 @@ import pyarrow as pa
 import torch
 
 from salient import images, models, storage
+from salient import plan as planmod
 from salient.config import ComputeConfig, ModelConfig, PreprocessConfig
-from salient.plan import Shard
 
 CODE_VERSION = "activations-1"
 DIRNAME = "activations"
@@ -42,7 +42,7 @@ def stage_fingerprint(weights_sha256: str, model: ModelConfig, preprocess: Prepr
     return storage.fingerprint(CODE_VERSION, weights_sha256, model.arch, preprocess.resize, preprocess.crop)
 
 
-def shard_fingerprint(stage: str, shard: Shard) -> str:
+def shard_fingerprint(stage: str, shard: planmod.Shard) -> str:
     return storage.fingerprint(stage, shard.index, shard.relpaths, shard.sizes, shard.image_ids, shard.labels)
 
 
@@ -80,7 +80,7 @@ class _Timings:
 class ShardTask:
     """Everything a worker needs to compute and write one shard."""
 
-    shard: Shard
+    shard: planmod.Shard
     root: str
     out: str
     fingerprint: str
@@ -252,37 +252,12 @@ class ActivationRunner:
         return stats
 
 
-def plan_uri(out: str) -> str:
-    return storage.join(out, "plan.parquet")
-
-
-def write_plan(root: str, out: str, shard_size: int) -> dict:
-    """List the dataset, cut shards and write ``plan.parquet``; returns a small summary."""
-    from salient import plan as planmod
-
-    listing = planmod.list_images(root)
-    table = planmod.cut_shards(listing, shard_size)
-    if table.num_rows == 0:
-        raise ValueError(f"dataset.root = {root!r}: no images (.jpeg .jpg .png) in any class folder")
-    fp = storage.fingerprint(table.column("relpath").to_pylist(), table.column("bytes").to_pylist(), shard_size)
-    storage.write_parquet(plan_uri(out), table, fp, {"root": root, "shard_size": shard_size})
-    return {
-        "uri": plan_uri(out),
-        "images": table.num_rows,
-        "classes": len(listing.classes),
-        "shards": int(table.column("shard").to_numpy().max()) + 1,
-        "bytes": int(table.column("bytes").to_numpy().sum()),
-    }
-
-
 def shard_tasks(root: str, out: str, weights_sha256: str, model: ModelConfig, preprocess: PreprocessConfig) -> tuple[list[ShardTask], list[dict]]:
     """The plan's shards split into work still to do and the stats of shards already committed."""
-    from salient import plan as planmod
-
     stage = stage_fingerprint(weights_sha256, model, preprocess)
     todo: list[ShardTask] = []
     done: list[dict] = []
-    for shard in planmod.shards_of(storage.read_parquet(plan_uri(out))):
+    for shard in planmod.shards_of(planmod.read_plan(out)):
         fp = shard_fingerprint(stage, shard)
         stats = committed_stats(out, shard.index, fp)
         if stats is None:
@@ -290,6 +265,28 @@ def shard_tasks(root: str, out: str, weights_sha256: str, model: ModelConfig, pr
         else:
             done.append(stats)
     return todo, done
+
+
+def committed_shards(out: str, weights_sha256: str, model: ModelConfig, preprocess: PreprocessConfig) -> tuple[list[str], str]:
+    """The table URIs of every planned shard and a fingerprint of them all.
+
+    Raises ``ValueError`` naming the shards that are missing or were computed from other inputs.
+    """
+    stage = stage_fingerprint(weights_sha256, model, preprocess)
+    uris, fps, missing = [], [], []
+    for shard in planmod.shards_of(planmod.read_plan(out)):
+        fp = shard_fingerprint(stage, shard)
+        if committed_stats(out, shard.index, fp) is None:
+            missing.append(f"part-{shard.index:05d}")
+        uris.append(table_uri(out, shard.index))
+        fps.append(fp)
+    if missing:
+        raise ValueError(
+            f"{len(missing)} activation shards are missing or were computed from other inputs "
+            f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''} under {storage.join(out, DIRNAME)}); "
+            "run `salient activations CONFIG` first"
+        )
+    return uris, storage.fingerprint(fps)
 
 
 def summarize(stats: list[dict], out: str) -> dict:

@@ -63,6 +63,24 @@ def cmd_activations(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_aggregate(cfg: cfgmod.Config) -> dict:
+    """Check the config, run the aggregation flow, print its summary."""
+    cfgmod.check(cfg, ["model", "output"], need_discovery=True)
+    from flows.aggregate import aggregate_flow
+
+    summary = aggregate_flow(cfg)
+    print(
+        f"aggregate: {summary['pairs']} pairs over {summary['classes']} classes from {summary['images']} images "
+        f"(grouping: {summary['grouping']}, {summary['classes_without_images']} classes without images) -> {cfg.output}"
+    )
+    return summary
+
+
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    run_aggregate(_load(args))
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from salient import world
 
@@ -90,7 +108,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     demo.run(
         args.out, classes=args.classes, per_class=args.per_class, size=args.size, seed=args.seed,
-        activations=lambda path: run_activations(cfgmod.load(path)),
+        stages=[lambda path: run_activations(cfgmod.load(path)), lambda path: run_aggregate(cfgmod.load(path))],
     )
     return 0
 
@@ -106,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("activations", help="compute penultimate activations of every image (Ray + Prefect)")
     _config_args(p)
     p.set_defaults(func=cmd_activations)
+
+    p = sub.add_parser("aggregate", help="feature importance, (class, feature) pairs and top images per neuron")
+    _config_args(p)
+    p.set_defaults(func=cmd_aggregate)
 
     p = sub.add_parser("synth", help="write the demo world: an ImageFolder dataset with ground-truth masks")
     p.add_argument("--out", required=True, help="output directory (or fsspec URI)")

@@ -76,6 +76,15 @@ class ComputeConfig(_Section):
     ray_address: str | None = Field(None, description="existing Ray cluster (ray://host:port or auto); default: a private local Ray")
 
 
+class AggregateConfig(_Section):
+    """Feature importance, the (class, feature) pairs and the top images (design.md §2)."""
+
+    grouping: Literal["prediction", "label"] = Field("prediction", description="D(c): images predicted c (the paper's) or labelled c")
+    features_per_class: int = Field(5, gt=0, description="F: top features per class, the pairs")
+    top_k_class: int = Field(65, gt=0, description="K: top images of D(c) kept per pair")
+    top_k_neuron: int = Field(100, gt=0, description="top images per neuron over the whole dataset")
+
+
 class Config(BaseModel):
     """A whole Salient configuration. Every section is optional until a command needs it."""
 
@@ -86,6 +95,7 @@ class Config(BaseModel):
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     output: str | None = Field(None, description="output root URI")
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    aggregate: AggregateConfig = Field(default_factory=AggregateConfig)
 
     @field_validator("output")
     @classmethod

@@ -3,11 +3,12 @@ and the pipeline's stages run on it. Whatever is already there with the same inp
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import pyarrow as pa
 import yaml
 
-from salient import storage, train, world
+from salient import aggregate, storage, train, world
 
 MODELS = (("biased", False), ("debiased", True))
 
@@ -58,10 +59,10 @@ def run(
     per_class: int = 100,
     size: int = 64,
     seed: int = 0,
-    activations: Callable[[str], dict] | None = None,
+    stages: Sequence[Callable[[str], dict]] = (),
 ) -> dict:
     """Build (or reuse) the world and both models, print their accuracy table, write the demo
-    config, and run ``activations(config_path)`` on it when given."""
+    config, run each of ``stages`` on it (called with the config's path), and describe the result."""
     out = storage.normalize_uri(out)
     world_dir = storage.join(out, "world")
     meta = _world(world_dir, {"classes": classes, "per_class": per_class, "size": size, "rho": 0.9, "seed": seed})
@@ -81,7 +82,21 @@ def run(
 
     config_path = storage.join(out, "salient.yaml")
     storage.write_bytes_atomic(config_path, yaml.safe_dump(demo_config(out, size), sort_keys=False).encode())
-    result: dict = {"accuracy": table, "config": config_path}
-    if activations is not None:
-        result["activations"] = activations(config_path)
+    result: dict = {"accuracy": table, "config": config_path, "stages": [stage(config_path) for stage in stages]}
+    pairs_uri = storage.join(out, "build", aggregate.PAIRS_TABLE)
+    if storage.exists(pairs_uri):
+        print_top_features(storage.read_parquet(pairs_uri), meta)
     return result
+
+
+def print_top_features(pairs: pa.Table, world_meta: dict) -> None:
+    """Per demo class: its shape, its cue, and its top features by importance."""
+    by_class: dict[int, list[str]] = {}
+    for row in pairs.sort_by([("class_index", "ascending"), ("feature_rank", "ascending")]).to_pylist():
+        by_class.setdefault(row["class_index"], []).append(f"{row['feature_index']} ({row['importance']:.2f})")
+    print("\nclass  shape       cue               top features by importance (feature (importance))")
+    for design in world_meta["classes"]:
+        c = design["class_index"]
+        features = ", ".join(by_class.get(c, [])) or "none: no image predicted as this class"
+        print(f"{c:<6} {design['shape']:<11} {design['cue_kind']:<17} {features}")
+    print()

@@ -7,6 +7,7 @@ files directly inside a class folder with extension ``.jpeg .jpg .png`` (any cas
 
 from __future__ import annotations
 
+import json
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -115,3 +116,42 @@ def shards_of(plan: pa.Table) -> list[Shard]:
         s.labels.append(label)
         s.sizes.append(size)
     return [out[k] for k in sorted(out)]
+
+
+def plan_uri(out: str) -> str:
+    return storage.join(out, PLAN_TABLE)
+
+
+def write_plan(root: str, out: str, shard_size: int) -> dict:
+    """List the dataset, cut shards and write ``plan.parquet``; returns a small summary.
+
+    The table's metadata keeps the class folders in label order (``salient.classes``, JSON).
+    """
+    listing = list_images(root)
+    table = cut_shards(listing, shard_size)
+    if table.num_rows == 0:
+        raise ValueError(f"dataset.root = {root!r}: no images (.jpeg .jpg .png) in any class folder")
+    fp = storage.fingerprint(table.column("relpath").to_pylist(), table.column("bytes").to_pylist(), shard_size)
+    storage.write_parquet(
+        plan_uri(out), table, fp, {"root": root, "shard_size": shard_size, "classes": json.dumps(listing.classes)}
+    )
+    return {
+        "uri": plan_uri(out),
+        "images": table.num_rows,
+        "classes": len(listing.classes),
+        "shards": int(table.column("shard").to_numpy().max()) + 1,
+        "bytes": int(table.column("bytes").to_numpy().sum()),
+    }
+
+
+def read_plan(out: str, columns: list[str] | None = None) -> pa.Table:
+    """The plan written by :func:`write_plan` under ``out``."""
+    uri = plan_uri(out)
+    if not storage.exists(uri):
+        raise ValueError(f"no plan at {uri}; run the activation stage first (salient activations CONFIG)")
+    return storage.read_parquet(uri, columns=columns)
+
+
+def plan_classes(out: str) -> list[str]:
+    """The class folder names (wnids) of the plan, in label order."""
+    return json.loads(storage.parquet_metadata(plan_uri(out))["classes"])

@@ -13,7 +13,7 @@ import os
 import posixpath
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import fsspec
@@ -160,6 +160,11 @@ def _parquet_source(uri: str) -> str | io.BytesIO:
 
 def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(_parquet_source(uri), columns=columns)
+
+
+def iter_parquet_batches(uri: str, columns: list[str], batch_size: int = 65536) -> Iterator[pa.RecordBatch]:
+    """The rows of a Parquet file in batches, without holding the whole table."""
+    yield from pq.ParquetFile(_parquet_source(uri)).iter_batches(batch_size=batch_size, columns=columns)
 
 
 def parquet_metadata(uri: str) -> dict[str, str]:

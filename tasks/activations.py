@@ -10,6 +10,7 @@ from prefect.artifacts import create_table_artifact
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from salient import activations, storage
+from salient import plan as planmod
 from salient.config import Config
 from salient.resources import plan_workers
 from tasks.ray_pool import ray_cluster, run_pool
@@ -18,7 +19,7 @@ from tasks.ray_pool import ray_cluster, run_pool
 @task(name="plan-images", retries=2, retry_delay_seconds=5)
 def plan_images(config: Config) -> dict:
     """List the dataset in ImageFolder order and write the shard plan."""
-    summary = activations.write_plan(config.dataset.root, config.output, config.compute.shard_size)
+    summary = planmod.write_plan(config.dataset.root, config.output, config.compute.shard_size)
     get_run_logger().info(
         "planned %d images in %d classes as %d shards of up to %d",
         summary["images"], summary["classes"], summary["shards"], config.compute.shard_size,

@@ -3,6 +3,7 @@ a list of items with bounded retries; a dead actor is replaced and its item is r
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections import deque
@@ -143,3 +144,21 @@ def run_pool(
         for actor in [*idle, *(a for a, _, _ in inflight.values())]:
             ray.kill(actor, no_restart=True)
     return out
+
+
+def ray_map(fn: Callable[..., Any], args: Sequence[tuple], window: int | None = None, max_retries: int = 3) -> Iterator[Any]:
+    """Run ``fn(*a)`` as Ray tasks (one CPU each), yielding results as they finish.
+
+    At most ``window`` tasks are in flight (default: twice the cluster's CPUs), so results are
+    consumed, and memory freed, as fast as they arrive. A task whose worker dies is retried.
+    """
+    remote = ray.remote(num_cpus=1, max_retries=max_retries, retry_exceptions=False)(fn)
+    window = window or max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    pending = iter(args)
+    inflight = [remote.remote(*a) for a in itertools.islice(pending, window)]
+    while inflight:
+        ready, inflight = ray.wait(inflight, num_returns=1)
+        nxt = next(pending, None)
+        if nxt is not None:
+            inflight.append(remote.remote(*nxt))
+        yield ray.get(ready[0])

@@ -4,6 +4,7 @@ import signal
 import time
 
 from salient import activations
+from salient import plan as planmod
 from salient.resources import WorkerResources
 from tests.helpers import read_activation_rows
 
@@ -28,7 +29,7 @@ def test_killed_worker_loses_and_duplicates_nothing(activation_world, tmp_path, 
     from tasks.ray_pool import run_pool
 
     cfg, planned = activation_world
-    activations.write_plan(cfg.dataset.root, cfg.output, cfg.compute.shard_size)
+    planmod.write_plan(cfg.dataset.root, cfg.output, cfg.compute.shard_size)
     todo, done = activations.shard_tasks(cfg.dataset.root, cfg.output, "w", cfg.model, cfg.preprocess)
     assert len(todo) == 5 and not done
     marker = str(tmp_path / "killed-once")
@@ -72,7 +73,7 @@ def test_two_gpu_workers_run_concurrently_on_their_own_devices(activation_world,
     cluster = ray_session.cluster_resources()
     res = plan_workers(cfg.compute, cluster["CPU"], cluster["GPU"])
     assert (res.workers, res.gpus_per_worker) == (2, 1.0)
-    activations.write_plan(cfg.dataset.root, cfg.output, cfg.compute.shard_size)
+    planmod.write_plan(cfg.dataset.root, cfg.output, cfg.compute.shard_size)
     todo, _ = activations.shard_tasks(cfg.dataset.root, cfg.output, "w", cfg.model, cfg.preprocess)
     folder = tmp_path / "inside"
     folder.mkdir()

@@ -1,0 +1,15 @@
+"""The aggregation flow: validate -> aggregate the committed activation shards."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from salient import config as cfgmod
+from tasks.aggregate import aggregate_shards
+
+
+@flow(name="salient-aggregate")
+def aggregate_flow(config: cfgmod.Config) -> dict:
+    """Feature importance, the (class, feature) pairs and the top images, from committed activations."""
+    cfgmod.check(config, ["model", "output"], need_discovery=True)
+    return aggregate_shards(config)

@@ -1,0 +1,363 @@
+"""Aggregation: feature importance, the (class, feature) pairs, and the top images per neuron and
+per pair (design.md §2), from the committed activation shards.
+
+Two streaming passes; each shard is reduced to a small partial and partials are merged in any
+order. Class sums are float64 sums of float16 values, which are exact for realistic activations, and
+top-k lists are merged by a total order (activation descending, then image_id ascending), so the
+result does not depend on how shards are spread or in which order they finish. Memory is bounded by
+the output (classes x features, neurons x k, pairs x K), not by the number of images.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import pyarrow as pa
+
+from salient import storage
+from salient.config import AggregateConfig
+from salient.metadata import ClassInfo
+
+GROUPINGS = ("prediction", "label")
+GROUP_COLUMN = {"prediction": "pred", "label": "label"}
+CODE_VERSION = "aggregate-1"
+
+CLASSES_TABLE = "classes.parquet"
+IMPORTANCE_TABLE = "importance.parquet"
+PAIRS_TABLE = "pairs.parquet"
+TOPK_NEURON_TABLE = "topk/neuron.parquet"
+TOPK_CLASS_TABLE = "topk/class.parquet"
+
+T = TypeVar("T")
+MapFn = Callable[[Callable[..., T], Sequence[tuple]], Iterable[T]]
+
+
+def local_map(fn: Callable[..., T], args: Sequence[tuple]) -> Iterator[T]:
+    """Run ``fn(*a)`` for each ``a`` in this process, one at a time."""
+    for a in args:
+        yield fn(*a)
+
+
+# ---- a total order on (activation, image_id) packed into one int64 ----------------------------
+
+_NONE = np.int64(-1)  # pads lists shorter than k; below every real key
+
+
+def sort_keys(acts: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """int64 keys whose descending order is activation descending, then image_id ascending.
+
+    ``acts`` are float16 (any shape); ``ids`` broadcast against them and lie in [0, 2**32).
+    """
+    # + 0.0 turns -0.0 into 0.0, so equal activations get equal keys whatever their sign bit.
+    u = (np.ascontiguousarray(acts, dtype=np.float16) + np.float16(0)).view(np.uint16).astype(np.int64)
+    ordered = np.where(u & 0x8000, 0xFFFF - u, u | 0x8000)
+    return (ordered << 32) | (0xFFFFFFFF - np.asarray(ids, dtype=np.int64))
+
+
+def decode_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(activations as float32, image_ids) of keys made by :func:`sort_keys`; -1 keys give NaN, -1."""
+    ordered = keys >> 32
+    u = np.where(ordered >= 0x8000, ordered - 0x8000, 0xFFFF - ordered).astype(np.uint16)
+    acts = u.view(np.float16).astype(np.float32)
+    ids = 0xFFFFFFFF - (keys & 0xFFFFFFFF)
+    none = keys == _NONE
+    return np.where(none, np.nan, acts), np.where(none, -1, ids)
+
+
+def top_k(keys: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` largest keys of each column, sorted descending, padded with -1: shape ``[k, m]``."""
+    n, m = keys.shape
+    if n > k:
+        keys = np.take_along_axis(keys, np.argpartition(keys, n - k, axis=0)[n - k :], axis=0)
+    keys = -np.sort(-keys, axis=0)
+    if keys.shape[0] < k:
+        keys = np.concatenate([keys, np.full((k - keys.shape[0], m), _NONE)], axis=0)
+    return keys
+
+
+# ---- reading shards ----------------------------------------------------------------------------
+
+
+@dataclass
+class ShardData:
+    image_ids: np.ndarray  # [n] int64
+    labels: np.ndarray  # [n] int64
+    preds: np.ndarray  # [n] int64
+    features: np.ndarray  # [n, D] float16
+
+    def groups(self, grouping: str) -> np.ndarray:
+        return self.preds if grouping == "prediction" else self.labels
+
+
+def read_shard(uri: str) -> ShardData:
+    table = storage.read_parquet(uri, columns=["image_id", "label", "pred", "features"])
+    width = table.schema.field("features").type.list_size
+    feats = table.column("features").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return ShardData(
+        table.column("image_id").to_numpy().astype(np.int64),
+        table.column("label").to_numpy().astype(np.int64),
+        table.column("pred").to_numpy().astype(np.int64),
+        feats.astype(np.float16, copy=False).reshape(-1, width),
+    )
+
+
+def _class_sums(feats: np.ndarray, groups: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    sums = np.zeros((num_classes, feats.shape[1]), np.float64)
+    counts = np.bincount(groups, minlength=num_classes).astype(np.int64)
+    if len(groups):
+        order = np.argsort(groups, kind="stable")
+        present = np.flatnonzero(counts)
+        starts = np.concatenate([[0], np.cumsum(counts[present])[:-1]])
+        sums[present] = np.add.reduceat(feats[order].astype(np.float64), starts, axis=0)
+    return sums, counts
+
+
+# ---- pass 1: class sums and per-neuron top-k ---------------------------------------------------
+
+
+@dataclass
+class Partial:
+    """Mergeable summary of some shards: per-class sums and counts for both groupings, and the
+    top-k keys of every neuron."""
+
+    sums: np.ndarray  # [2, C, D] float64, index GROUPINGS
+    counts: np.ndarray  # [2, C] int64
+    neuron_keys: np.ndarray  # [k, D] int64
+    images: int
+
+    def merge(self, other: Partial) -> Partial:
+        k = self.neuron_keys.shape[0]
+        return Partial(
+            self.sums + other.sums,
+            self.counts + other.counts,
+            top_k(np.concatenate([self.neuron_keys, other.neuron_keys]), k),
+            self.images + other.images,
+        )
+
+
+def shard_partial(uri: str, num_classes: int, k_neuron: int) -> Partial:
+    """Pass-1 partial of one activation shard."""
+    data = read_shard(uri)
+    if len(data.image_ids) and (max(data.labels.max(), data.preds.max()) >= num_classes or min(data.labels.min(), data.preds.min()) < 0):
+        raise ValueError(f"{uri}: labels or predictions outside the model's {num_classes} classes")
+    by = [_class_sums(data.features, data.groups(g), num_classes) for g in GROUPINGS]
+    return Partial(
+        np.stack([s for s, _ in by]),
+        np.stack([c for _, c in by]),
+        top_k(sort_keys(data.features, data.image_ids[:, None]), k_neuron),
+        len(data.image_ids),
+    )
+
+
+# ---- importance and pairs ----------------------------------------------------------------------
+
+
+def importance(sums: np.ndarray, counts: np.ndarray, fc_weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean activation [C, D], importance FI_c(j) = w[c, j] * mean [C, D]); NaN rows where D(c) is empty."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], np.nan)
+    return mean, fc_weight.astype(np.float64) * mean
+
+
+def select_pairs(fi: np.ndarray, counts: np.ndarray, features_per_class: int) -> list[tuple[int, int, int]]:
+    """(class_index, feature_index, feature_rank): the top features per class by importance,
+    descending, ties by lower feature_index; none for classes with an empty D(c)."""
+    pairs = []
+    feature_ids = np.arange(fi.shape[1])
+    for c in np.flatnonzero(counts > 0):
+        order = np.lexsort((feature_ids, -fi[c]))[:features_per_class]
+        pairs.extend((int(c), int(j), rank) for rank, j in enumerate(order, start=1))
+    return pairs
+
+
+# ---- pass 2: per-pair top-K within D(c) --------------------------------------------------------
+
+
+def shard_pair_keys(uri: str, pairs: Sequence[tuple[int, int]], grouping: str, k: int) -> np.ndarray:
+    """Pass-2 partial of one shard: the top-K keys of D(c) by neuron j for every pair (c, j): ``[K, P]``."""
+    data = read_shard(uri)
+    groups = data.groups(grouping)
+    out = np.full((k, len(pairs)), _NONE)
+    by_class: dict[int, list[int]] = {}
+    for p, (c, _) in enumerate(pairs):
+        by_class.setdefault(c, []).append(p)
+    for c, ps in by_class.items():
+        rows = np.flatnonzero(groups == c)
+        if not len(rows):
+            continue
+        feats = data.features[rows][:, [pairs[p][1] for p in ps]]
+        out[:, ps] = top_k(sort_keys(feats, data.image_ids[rows][:, None]), k)
+    return out
+
+
+def _merge_keys(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return top_k(np.concatenate([a, b]), a.shape[0])
+
+
+# ---- tables ------------------------------------------------------------------------------------
+
+
+def _image_info(plan_uri: str, ids: np.ndarray) -> tuple[dict[int, str], dict[int, int]]:
+    """relpath and label of the given image_ids, streaming the plan."""
+    wanted = np.unique(ids[ids >= 0])
+    relpaths: dict[int, str] = {}
+    labels: dict[int, int] = {}
+    for batch in storage.iter_parquet_batches(plan_uri, ["image_id", "relpath", "label"]):
+        bid = batch.column(0).to_numpy()
+        hit = np.flatnonzero(np.isin(bid, wanted, assume_unique=True))
+        if len(hit):
+            rel = batch.column(1).take(pa.array(hit)).to_pylist()
+            lab = batch.column(2).take(pa.array(hit)).to_pylist()
+            for i, r, lb in zip(bid[hit].tolist(), rel, lab):
+                relpaths[i] = r
+                labels[i] = lb
+    return relpaths, labels
+
+
+def _topk_rows(keys: np.ndarray, relpaths: dict[int, str], labels: dict[int, int]) -> dict[str, list]:
+    """Column lists for every non-padding entry of ``keys`` ``[k, m]``, column-major (rank inside column)."""
+    acts, ids = decode_keys(keys)
+    cols: dict[str, list] = {"column": [], "rank": [], "image_id": [], "relpath": [], "label": [], "activation": []}
+    for m in range(keys.shape[1]):
+        for r in range(keys.shape[0]):
+            iid = int(ids[r, m])
+            if iid < 0:
+                break
+            cols["column"].append(m)
+            cols["rank"].append(r + 1)
+            cols["image_id"].append(iid)
+            cols["relpath"].append(relpaths[iid])
+            cols["label"].append(labels[iid])
+            cols["activation"].append(float(acts[r, m]))
+    return cols
+
+
+@dataclass
+class AggregateInputs:
+    """What aggregation reads: the committed shards and the model's final layer."""
+
+    out: str
+    shard_uris: list[str]
+    fc_weight: np.ndarray  # [C, D]
+    wnids: list[str]
+    fingerprint: str
+    class_metadata: list[ClassInfo] | None = None
+
+
+def run(inputs: AggregateInputs, cfg: AggregateConfig, map_fn: MapFn = local_map) -> dict[str, Any]:
+    """Both passes and every table; returns a summary."""
+    out = inputs.out
+    num_classes, width = inputs.fc_weight.shape
+    if len(inputs.wnids) != num_classes:
+        raise ValueError(
+            f"the dataset has {len(inputs.wnids)} class folders but the model has {num_classes} classes; "
+            "labels and predictions would not refer to the same classes"
+        )
+    if not inputs.shard_uris:
+        raise ValueError("no activation shards to aggregate; run the activation stage first")
+    merged = functools.reduce(
+        Partial.merge, map_fn(shard_partial, [(u, num_classes, cfg.top_k_neuron) for u in inputs.shard_uris])
+    )
+    g = GROUPINGS.index(cfg.grouping)
+    mean, fi = importance(merged.sums[g], merged.counts[g], inputs.fc_weight)
+    pairs = select_pairs(fi, merged.counts[g], cfg.features_per_class)
+    pair_keys = np.full((cfg.top_k_class, 0), _NONE)
+    if pairs:
+        cj = [(c, j) for c, j, _ in pairs]
+        pair_keys = functools.reduce(
+            _merge_keys, map_fn(shard_pair_keys, [(u, cj, cfg.grouping, cfg.top_k_class) for u in inputs.shard_uris])
+        )
+
+    from salient import plan as planmod
+
+    all_ids = np.concatenate([decode_keys(merged.neuron_keys)[1].ravel(), decode_keys(pair_keys)[1].ravel()])
+    relpaths, labels = _image_info(planmod.plan_uri(out), all_ids)
+    fp = inputs.fingerprint
+    meta = {"grouping": cfg.grouping, "code_version": CODE_VERSION}
+    names = {c.wnid: c for c in inputs.class_metadata or []}
+
+    group_name = "predicted as" if cfg.grouping == "prediction" else "labelled"
+    counts_g = merged.counts[g]
+    storage.write_parquet(
+        storage.join(out, CLASSES_TABLE),
+        pa.table({
+            "class_index": pa.array(range(num_classes), pa.int32()),
+            "wnid": pa.array(inputs.wnids, pa.string()),
+            "name": pa.array([names[w].name if w in names else None for w in inputs.wnids], pa.string()),
+            "n_images": pa.array(merged.counts[GROUPINGS.index("label")], pa.int64()),
+            "n_predicted": pa.array(merged.counts[GROUPINGS.index("prediction")], pa.int64()),
+            "n_group": pa.array(counts_g, pa.int64()),
+            "reason": pa.array([None if n else f"no images {group_name} this class" for n in counts_g], pa.string()),
+        }),
+        fp, meta,
+    )
+    valid = np.repeat(counts_g > 0, width)
+    storage.write_parquet(
+        storage.join(out, IMPORTANCE_TABLE),
+        pa.table({
+            "class_index": pa.array(np.repeat(np.arange(num_classes), width), pa.int32()),
+            "feature_index": pa.array(np.tile(np.arange(width), num_classes), pa.int32()),
+            "importance": pa.array(fi.ravel(), pa.float64(), mask=~valid),
+            "mean_activation": pa.array(mean.ravel(), pa.float64(), mask=~valid),
+        }),
+        fp, meta,
+    )
+    storage.write_parquet(
+        storage.join(out, PAIRS_TABLE),
+        pa.table({
+            "class_index": pa.array([c for c, _, _ in pairs], pa.int32()),
+            "wnid": pa.array([inputs.wnids[c] for c, _, _ in pairs], pa.string()),
+            "feature_index": pa.array([j for _, j, _ in pairs], pa.int32()),
+            "feature_rank": pa.array([r for _, _, r in pairs], pa.int32()),
+            "importance": pa.array([fi[c, j] for c, j, _ in pairs], pa.float64()),
+            "mean_activation": pa.array([mean[c, j] for c, j, _ in pairs], pa.float64()),
+            "n_group": pa.array([int(counts_g[c]) for c, _, _ in pairs], pa.int64()),
+        }),
+        fp, meta,
+    )
+    neuron = _topk_rows(merged.neuron_keys, relpaths, labels)
+    storage.write_parquet(
+        storage.join(out, TOPK_NEURON_TABLE),
+        pa.table({
+            "feature_index": pa.array(neuron.pop("column"), pa.int32()),
+            **_topk_columns(neuron),
+        }),
+        fp, meta,
+    )
+    per_pair = _topk_rows(pair_keys, relpaths, labels)
+    pair_of = [pairs[p] for p in per_pair.pop("column")]
+    storage.write_parquet(
+        storage.join(out, TOPK_CLASS_TABLE),
+        pa.table({
+            "class_index": pa.array([c for c, _, _ in pair_of], pa.int32()),
+            "wnid": pa.array([inputs.wnids[c] for c, _, _ in pair_of], pa.string()),
+            "feature_index": pa.array([j for _, j, _ in pair_of], pa.int32()),
+            "feature_rank": pa.array([r for _, _, r in pair_of], pa.int32()),
+            **_topk_columns(per_pair),
+        }),
+        fp, meta,
+    )
+    return {
+        "images": merged.images,
+        "shards": len(inputs.shard_uris),
+        "classes": num_classes,
+        "classes_without_images": int((counts_g == 0).sum()),
+        "pairs": len(pairs),
+        "grouping": cfg.grouping,
+        "topk_class_rows": len(pair_of),
+        "topk_neuron_rows": len(neuron["rank"]),
+    }
+
+
+def _topk_columns(cols: dict[str, list]) -> dict[str, pa.Array]:
+    return {
+        "rank": pa.array(cols["rank"], pa.int32()),
+        "image_id": pa.array(cols["image_id"], pa.int64()),
+        "relpath": pa.array(cols["relpath"], pa.string()),
+        "label": pa.array(cols["label"], pa.int32()),
+        "activation": pa.array(cols["activation"], pa.float32()),
+    }
