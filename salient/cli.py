@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from salient import config as cfgmod
 
@@ -43,42 +46,70 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_activations(cfg: cfgmod.Config) -> dict:
-    """Check the config, run the activation flow, print its summary."""
-    cfgmod.check(cfg, ["dataset", "model", "output"], need_discovery=True)
-    from flows.activations import activations_flow
+@dataclass(frozen=True)
+class Stage:
+    """A stage as the CLI runs it: the sections it checks, its flow, and a one-line summary."""
 
-    summary = activations_flow(cfg)
-    print(
-        f"activations: {summary['images']} of {summary['planned']} images in {summary['shards']} shards "
-        f"-> {cfg.output}/activations ({summary['failed']} failed)"
-    )
-    for uri in summary["failure_lists"]:
-        print(f"  failures listed in {uri}")
+    sections: tuple[str, ...]
+    flow: str  # module:function
+    describe: Callable[[dict, cfgmod.Config], str]
+    need_discovery: bool = False
+
+
+STAGES: dict[str, Stage] = {
+    "activations": Stage(
+        ("dataset", "model", "output"), "flows.activations:activations_flow",
+        lambda s, c: (
+            f"activations: {s['images']} of {s['planned']} images in {s['shards']} shards -> {c.output}/activations "
+            f"({s['failed']} failed)" + "".join(f"\n  failures listed in {u}" for u in s["failure_lists"])
+        ),
+        need_discovery=True,
+    ),
+    "aggregate": Stage(
+        ("model", "output"), "flows.aggregate:aggregate_flow",
+        lambda s, c: (
+            f"aggregate: {s['pairs']} pairs over {s['classes']} classes from {s['images']} images (grouping: "
+            f"{s['grouping']}, {s['classes_without_images']} classes without images) -> {c.output}"
+        ),
+        need_discovery=True,
+    ),
+    "discover": Stage(
+        ("dataset", "model", "output"), "flows.discover:discover_flow",
+        lambda s, c: f"discover: {s['pairs']} pairs ({s['made']} made, {s['reused']} reused) -> {s['tasks']}",
+        need_discovery=True,
+    ),
+    "simulate": Stage(
+        ("dataset", "output"), "flows.annotations:simulate_flow",
+        lambda s, c: f"simulated annotators: {s['answers']} answers for {s['pairs']} pairs -> {s['uri']}",
+    ),
+    "ingest": Stage(
+        ("output",), "flows.annotations:ingest_flow",
+        lambda s, c: (
+            f"ingest: {s['accepted']} answers accepted, {s['rejected']} rejected; {s['pairs']} pairs: {s['spurious']} "
+            f"spurious, {s['core']} core, {s['insufficient']} insufficient; {s['classes_with_spurious']} classes with a "
+            f"spurious feature" + (f"; {s['pairs_not_in_build']} pairs not in this build" if s.get("pairs_not_in_build") else "")
+        ),
+    ),
+}
+
+
+def run_stage(name: str, cfg: cfgmod.Config, **params: object) -> dict:
+    """Check the sections a stage uses, run its flow, print its summary."""
+    stage = STAGES[name]
+    cfgmod.check(cfg, stage.sections, need_discovery=stage.need_discovery)
+    module, func = stage.flow.split(":")
+    summary = getattr(importlib.import_module(module), func)(cfg, **params)
+    print(stage.describe(summary, cfg))
     return summary
 
 
-def cmd_activations(args: argparse.Namespace) -> int:
-    run_activations(_load(args))
-    return 0
+def _stage_command(name: str) -> Callable[[argparse.Namespace], int]:
+    def command(args: argparse.Namespace) -> int:
+        params = {"answers": args.answers} if name == "ingest" else {}
+        run_stage(name, _load(args), **params)
+        return 0
 
-
-def run_aggregate(cfg: cfgmod.Config) -> dict:
-    """Check the config, run the aggregation flow, print its summary."""
-    cfgmod.check(cfg, ["model", "output"], need_discovery=True)
-    from flows.aggregate import aggregate_flow
-
-    summary = aggregate_flow(cfg)
-    print(
-        f"aggregate: {summary['pairs']} pairs over {summary['classes']} classes from {summary['images']} images "
-        f"(grouping: {summary['grouping']}, {summary['classes_without_images']} classes without images) -> {cfg.output}"
-    )
-    return summary
-
-
-def cmd_aggregate(args: argparse.Namespace) -> int:
-    run_aggregate(_load(args))
-    return 0
+    return command
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -108,9 +139,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     demo.run(
         args.out, classes=args.classes, per_class=args.per_class, size=args.size, seed=args.seed,
-        stages=[lambda path: run_activations(cfgmod.load(path)), lambda path: run_aggregate(cfgmod.load(path))],
+        stages=[functools.partial(_run_demo_stage, name) for name in DEMO_STAGES],
     )
     return 0
+
+
+DEMO_STAGES = ("activations", "aggregate", "discover", "simulate", "ingest")
+
+
+def _run_demo_stage(name: str, config_path: str) -> dict:
+    return run_stage(name, cfgmod.load(config_path))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,13 +159,23 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("activations", help="compute penultimate activations of every image (Ray + Prefect)")
-    _config_args(p)
-    p.set_defaults(func=cmd_activations)
+    helps = {
+        "activations": "compute penultimate activations of every image (Ray + Prefect)",
+        "aggregate": "feature importance, (class, feature) pairs and top images per neuron",
+        "discover": "top images, heatmaps and feature attacks per pair, and the crowd-task table",
+        "ingest": "core/spurious labels per pair from answer CSVs in the paper's schema",
+    }
+    for name, text in helps.items():
+        p = sub.add_parser(name, help=text)
+        _config_args(p)
+        if name == "ingest":
+            p.add_argument("--answers", action="append", default=[], metavar="URI", help="an answer CSV (repeatable)")
+        p.set_defaults(func=_stage_command(name))
 
-    p = sub.add_parser("aggregate", help="feature importance, (class, feature) pairs and top images per neuron")
+    annotate = sub.add_parser("annotate", help="annotation helpers").add_subparsers(dest="annotate_command", required=True)
+    p = annotate.add_parser("simulate", help="simulated workers answer every pair from a synthetic world's ground truth")
     _config_args(p)
-    p.set_defaults(func=cmd_aggregate)
+    p.set_defaults(func=_stage_command("simulate"))
 
     p = sub.add_parser("synth", help="write the demo world: an ImageFolder dataset with ground-truth masks")
     p.add_argument("--out", required=True, help="output directory (or fsspec URI)")

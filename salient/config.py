@@ -25,6 +25,7 @@ PATH_KEYS = (
     ("dataset", "groundtruth"),
     ("model", "checkpoint"),
     ("output",),
+    ("annotations", "answers"),
 )
 
 
@@ -85,6 +86,25 @@ class AggregateConfig(_Section):
     top_k_neuron: int = Field(100, gt=0, description="top images per neuron over the whole dataset")
 
 
+class DiscoverConfig(_Section):
+    """What annotators are shown per (class, feature) pair (design.md §2)."""
+
+    images_per_pair: int = Field(5, gt=0, description="top images shown per pair")
+    attack_steps: int = Field(100, ge=0, description="feature-attack steps")
+    attack_step_size: float = Field(10.0, gt=0, description="L2 step size of the feature attack")
+    base_url: str | None = Field(None, description="public URL prefix of the discover/ folder for task rows")
+
+
+class AnnotationsConfig(_Section):
+    """Human answers and the labelling rule."""
+
+    answers: list[str] = Field(default_factory=list, description="answer CSVs in the paper's schema")
+    min_answers: int = Field(5, gt=0, description="pairs with fewer answers are labelled insufficient")
+    simulated_workers: int = Field(5, gt=0, description="workers per pair of the simulated annotator")
+    simulated_noise: float = Field(0.1, ge=0, le=1, description="chance a simulated worker answers at random")
+    seed: int = 0
+
+
 class Config(BaseModel):
     """A whole Salient configuration. Every section is optional until a command needs it."""
 
@@ -96,6 +116,8 @@ class Config(BaseModel):
     output: str | None = Field(None, description="output root URI")
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     aggregate: AggregateConfig = Field(default_factory=AggregateConfig)
+    discover: DiscoverConfig = Field(default_factory=DiscoverConfig)
+    annotations: AnnotationsConfig = Field(default_factory=AnnotationsConfig)
 
     @field_validator("output")
     @classmethod
@@ -178,17 +200,25 @@ def _set_in(raw: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+def _resolve(value: Any, base_dir: str) -> Any:
+    if isinstance(value, str) and value and storage.is_local(value):
+        local = value.removeprefix("file://")
+        if not os.path.isabs(os.path.expanduser(local)):
+            return os.path.normpath(os.path.join(base_dir, local))
+    return value
+
+
 def _resolve_paths(raw: dict[str, Any], base_dir: str) -> None:
     """Make relative local paths in ``raw`` relative to ``base_dir``."""
     for path in PATH_KEYS:
         parent = raw if len(path) == 1 else raw.get(path[0])
-        if not isinstance(parent, dict):
+        if not isinstance(parent, dict) or path[-1] not in parent:
             continue
-        value = parent.get(path[-1])
-        if isinstance(value, str) and value and storage.is_local(value):
-            local = value.removeprefix("file://")
-            if not os.path.isabs(os.path.expanduser(local)):
-                parent[path[-1]] = os.path.normpath(os.path.join(base_dir, local))
+        value = parent[path[-1]]
+        if isinstance(value, list):
+            parent[path[-1]] = [_resolve(v, base_dir) for v in value]
+        else:
+            parent[path[-1]] = _resolve(value, base_dir)
 
 
 def load(path: str | None = None, overrides: Sequence[str] = ()) -> Config:

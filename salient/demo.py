@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import pyarrow as pa
 import yaml
 
-from salient import aggregate, storage, train, world
+from salient import aggregate, groundtruth, models, storage, train, world
 
 MODELS = (("biased", False), ("debiased", True))
 
@@ -83,10 +83,57 @@ def run(
     config_path = storage.join(out, "salient.yaml")
     storage.write_bytes_atomic(config_path, yaml.safe_dump(demo_config(out, size), sort_keys=False).encode())
     result: dict = {"accuracy": table, "config": config_path, "stages": [stage(config_path) for stage in stages]}
-    pairs_uri = storage.join(out, "build", aggregate.PAIRS_TABLE)
+    build = storage.join(out, "build")
+    pairs_uri = storage.join(build, aggregate.PAIRS_TABLE)
     if storage.exists(pairs_uri):
         print_top_features(storage.read_parquet(pairs_uri), meta)
+    labels_uri = storage.join(build, "annotations", "labels.parquet")
+    if storage.exists(labels_uri):
+        result["discovery"] = score_discovery(out, size, meta)
     return result
+
+
+def score_discovery(out: str, size: int, world_meta: dict) -> dict:
+    """Labels from the (simulated) annotators against the truth of every pair, and discovery per class
+    against the world's design; printed, and returned as figures."""
+    build = storage.join(out, "build")
+    labels = [r for r in storage.read_parquet(storage.join(build, "annotations", "labels.parquet")).to_pylist() if r["in_build"]]
+    model = models.load(storage.join(out, "models", "biased.pt"), "tiny_resnet")
+    root = storage.join(out, "world", "train")
+    truths = groundtruth.load(storage.join(out, "world", groundtruth.TABLE), "train", None, size, size)
+    truth = groundtruth.pair_truth(model, root, truths, [(r["class_index"], r["feature_index"]) for r in labels], size, size)
+    design = {d["class_index"]: d for d in world_meta["classes"]}
+
+    print("class  shape       cue               feature  votes m/s/b  label (kind)                truth: object/cue/rest mass -> label")
+    agree = 0
+    for r in labels:
+        t = truth[(r["class_index"], r["feature_index"])]
+        same = r["label"] == t["label"]
+        agree += same
+        d = design[r["class_index"]]
+        votes = f"{r['votes_main_object']}/{r['votes_separate_object']}/{r['votes_background']}"
+        print(
+            f"{r['class_index']:<6} {d['shape']:<11} {d['cue_kind']:<17} {r['feature_index']:<8} {votes:<12} "
+            f"{r['label'] + ' (' + str(r['kind']) + ')':<27} {t['object']:.2f}/{t['cue']:.2f}/{t['rest']:.2f} -> {t['label']} ({t['kind']})"
+            + ("" if same else "   <- disagrees")
+        )
+    agreement = agree / len(labels) if labels else float("nan")
+
+    flagged = {c: {r["kind"] for r in labels if r["class_index"] == c and r["label"] == "spurious"} for c in design}
+    cue_classes = [c for c, d in design.items() if d["cue_kind"] != "none"]
+    positives = [c for c, kinds in flagged.items() if kinds]
+    hits = [c for c in cue_classes if design[c]["cue_kind"] in flagged[c]]
+    precision = len(hits) / len(positives) if positives else float("nan")
+    recall = len(hits) / len(cue_classes) if cue_classes else float("nan")
+    print(f"\nlabels agree with the truth on {agree} of {len(labels)} pairs ({agreement:.0%})")
+    print("per class: " + "; ".join(
+        f"{design[c]['shape']} ({design[c]['cue_kind']}): {', '.join(sorted(flagged[c])) or 'no spurious pair'}" for c in sorted(design)
+    ))
+    print(
+        f"discovery per class against the world's design: precision {precision:.2f} "
+        f"({len(hits)} of {len(positives)} flagged classes), recall {recall:.2f} ({len(hits)} of {len(cue_classes)} cue classes)\n"
+    )
+    return {"pairs": len(labels), "agreement": agreement, "precision": precision, "recall": recall}
 
 
 def print_top_features(pairs: pa.Table, world_meta: dict) -> None:

@@ -151,11 +151,11 @@ def write_parquet(uri: str, table: pa.Table, fingerprint: str, metadata: Mapping
     write_bytes_atomic(uri, buf.getvalue())
 
 
-def _parquet_source(uri: str) -> str | io.BytesIO:
-    # Local files are read by path. Other stores are fetched whole: handing pyarrow a Python
-    # filesystem object can abort the interpreter at exit.
+def _parquet_source(uri: str) -> str | pa.BufferReader:
+    # Local files are read by path. Other stores are fetched whole into an Arrow buffer: handing
+    # pyarrow a Python file object (fsspec's or a BytesIO) can abort the interpreter at exit.
     fs, path = url_to_fs(uri)
-    return path if isinstance(fs, LocalFileSystem) else io.BytesIO(fs.cat_file(path))
+    return path if isinstance(fs, LocalFileSystem) else pa.BufferReader(fs.cat_file(path))
 
 
 def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:

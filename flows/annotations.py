@@ -1,0 +1,22 @@
+"""Annotation flows: simulated answers for a synthetic world, and ingestion of answer files."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from salient import config as cfgmod
+from tasks.annotations import ingest_answers, simulate_answers
+
+
+@flow(name="salient-simulate-annotators")
+def simulate_flow(config: cfgmod.Config) -> dict:
+    """Simulated workers answer every discovered pair from the world's ground truth."""
+    cfgmod.check(config, ["dataset", "output"])
+    return simulate_answers(config)
+
+
+@flow(name="salient-ingest")
+def ingest_flow(config: cfgmod.Config, answers: list[str] | None = None) -> dict:
+    """Core/spurious labels per pair from the answer files, by the paper's rule."""
+    cfgmod.check(config, ["output"])
+    return ingest_answers(config, list(answers or []))

@@ -1,0 +1,15 @@
+"""The discovery flow: validate -> the assets and task table of every (class, feature) pair."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from salient import config as cfgmod
+from tasks.discover import discover_pairs
+
+
+@flow(name="salient-discover")
+def discover_flow(config: cfgmod.Config) -> dict:
+    """Top images, heatmaps and feature attacks per pair, and discover/tasks.csv."""
+    cfgmod.check(config, ["dataset", "model", "output"], need_discovery=True)
+    return discover_pairs(config)

@@ -1,0 +1,63 @@
+import csv
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from salient import config, discover, storage, world
+from tests.helpers import make_checkpoint
+
+
+@pytest.fixture
+def tiny_world_config(tmp_path):
+    world.synthesize(str(tmp_path / "world"), classes=3, per_class=8, size=32, seed=0)
+    ckpt = make_checkpoint(tmp_path / "tiny.pt", num_classes=3)
+    return config.load(None, [
+        f"dataset.root={tmp_path / 'world' / 'train'}", f"dataset.class_metadata={tmp_path / 'world' / 'classes.csv'}",
+        f"model.checkpoint={ckpt}", "model.arch=tiny_resnet", "model.format=robustness",
+        "preprocess.resize=32", "preprocess.crop=32", f"output={tmp_path / 'out'}",
+        "compute.shard_size=10", "compute.gpus_per_worker=0", "aggregate.features_per_class=2",
+        "discover.images_per_pair=3", "discover.attack_steps=3", "aggregate.grouping=label",
+    ])
+
+
+def test_discover_simulate_ingest(tiny_world_config, ray_session, prefect_server):
+    from flows.activations import activations_flow
+    from flows.aggregate import aggregate_flow
+    from flows.annotations import ingest_flow, simulate_flow
+    from flows.discover import discover_flow
+
+    cfg = tiny_world_config
+    activations_flow(cfg)
+    aggregate_flow(cfg)
+    summary = discover_flow(cfg)
+    assert (summary["pairs"], summary["made"], summary["reused"]) == (6, 6, 0)
+
+    rows = list(csv.DictReader(io.StringIO(storage.read_bytes(summary["tasks"]).decode())))
+    pairs = storage.read_parquet(f"{cfg.output}/pairs.parquet").to_pylist()
+    assert [(int(r["class_index"]), int(r["feature_index"])) for r in rows] == [(p["class_index"], p["feature_index"]) for p in pairs]
+    assert rows[0]["class_name"] == "circle" and rows[0]["definition"].startswith("a filled circle")
+    for r in rows:
+        for strip in discover.STRIPS:
+            path = os.path.join(cfg.output, "discover", r[f"{strip}_url"])
+            with Image.open(path) as im:
+                assert im.size == (3 * 32 + 2 * 2, 32), "three 32 px tiles, 2 px apart"
+        assert len(r["image_ids"].split(";")) == 3
+    record = storage.read_json(os.path.join(cfg.output, "discover", rows[0]["wnid"], f"feature_{rows[0]['feature_index']}", "assets.json"))
+    assert (record["nam_h"], record["nam_w"]) == (4, 4) and len(record["nams"]) == 3
+    assert max(max(n) for n in record["nams"]) == pytest.approx(1.0, abs=1e-3), "NAMs are divided by their max"
+
+    again = discover_flow(cfg)
+    assert (again["made"], again["reused"]) == (0, 6), "unchanged pairs are not remade"
+
+    sim = simulate_flow(cfg)
+    assert sim["answers"] == 6 * 5
+    labels = ingest_flow(cfg)
+    assert (labels["pairs"], labels["accepted"], labels["rejected"]) == (6, 30, 0)
+    assert labels["spurious"] + labels["core"] == 6 and labels["pairs_not_in_build"] == 0
+    table = storage.read_parquet(f"{cfg.output}/annotations/labels.parquet").to_pylist()
+    votes = np.array([[r["votes_main_object"], r["votes_separate_object"], r["votes_background"]] for r in table])
+    assert (votes.sum(axis=1) == 5).all()
+    assert all((r["label"] == "spurious") == (r["votes_separate_object"] + r["votes_background"] >= 3) for r in table)
