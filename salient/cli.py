@@ -78,6 +78,14 @@ STAGES: dict[str, Stage] = {
         lambda s, c: f"discover: {s['pairs']} pairs ({s['made']} made, {s['reused']} reused) -> {s['tasks']}",
         need_discovery=True,
     ),
+    "generalize": Stage(
+        ("dataset", "model", "output"), "flows.generalize:generalize_flow",
+        lambda s, c: (
+            f"generalize: {s['masks']} masks of {s['images']} images in {s['blocks']} Zarr shards "
+            f"({s['computed_blocks']} computed) -> {s['index']}"
+        ),
+        need_discovery=True,
+    ),
     "simulate": Stage(
         ("dataset", "output"), "flows.annotations:simulate_flow",
         lambda s, c: f"simulated annotators: {s['answers']} answers for {s['pairs']} pairs -> {s['uri']}",
@@ -112,6 +120,17 @@ def _stage_command(name: str) -> Callable[[argparse.Namespace], int]:
     return command
 
 
+def cmd_export_reference(args: argparse.Namespace) -> int:
+    from salient.dataset import export_reference
+
+    s = export_reference(args.out, args.dest)
+    print(
+        f"exported {s['masks']} masks of {s['classes']} classes to {s['dest']}"
+        + (f" ({s['filed_elsewhere']} images filed under another class: see <wnid>/image_relpaths.csv)" if s["filed_elsewhere"] else "")
+    )
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from salient import world
 
@@ -144,7 +163,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_STAGES = ("activations", "aggregate", "discover", "simulate", "ingest")
+DEMO_STAGES = ("activations", "aggregate", "discover", "simulate", "ingest", "generalize")
 
 
 def _run_demo_stage(name: str, config_path: str) -> dict:
@@ -164,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         "aggregate": "feature importance, (class, feature) pairs and top images per neuron",
         "discover": "top images, heatmaps and feature attacks per pair, and the crowd-task table",
         "ingest": "core/spurious labels per pair from answer CSVs in the paper's schema",
+        "generalize": "soft masks for the top-K images of every labelled pair (Zarr + Parquet index)",
     }
     for name, text in helps.items():
         p = sub.add_parser(name, help=text)
@@ -176,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = annotate.add_parser("simulate", help="simulated workers answer every pair from a synthetic world's ground truth")
     _config_args(p)
     p.set_defaults(func=_stage_command("simulate"))
+
+    export = sub.add_parser("export", help="export a build for other tools").add_subparsers(dest="export_command", required=True)
+    p = export.add_parser("reference", help="the original release's layout: <wnid>/image_names_map.csv, <wnid>/feature_<j>/<stem>.png")
+    p.add_argument("out", help="build output (the config's `output`)")
+    p.add_argument("dest", help="destination folder or URI")
+    p.set_defaults(func=cmd_export_reference)
 
     p = sub.add_parser("synth", help="write the demo world: an ImageFolder dataset with ground-truth masks")
     p.add_argument("--out", required=True, help="output directory (or fsspec URI)")

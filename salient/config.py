@@ -105,6 +105,13 @@ class AnnotationsConfig(_Section):
     seed: int = 0
 
 
+class GeneralizeConfig(_Section):
+    """Soft masks for the top images of every labelled pair (design.md §2, §3)."""
+
+    images_per_pair: int = Field(65, gt=0, description="top images of D(c) per pair that get a mask")
+    masks_per_shard: int = Field(256, gt=0, description="masks per Zarr shard object (one writer each)")
+
+
 class Config(BaseModel):
     """A whole Salient configuration. Every section is optional until a command needs it."""
 
@@ -118,6 +125,7 @@ class Config(BaseModel):
     aggregate: AggregateConfig = Field(default_factory=AggregateConfig)
     discover: DiscoverConfig = Field(default_factory=DiscoverConfig)
     annotations: AnnotationsConfig = Field(default_factory=AnnotationsConfig)
+    generalize: GeneralizeConfig = Field(default_factory=GeneralizeConfig)
 
     @field_validator("output")
     @classmethod

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import pyarrow as pa
 import yaml
 
-from salient import aggregate, groundtruth, models, storage, train, world
+from salient import aggregate, groundtruth, masks, models, simulate, storage, train, world
 
 MODELS = (("biased", False), ("debiased", True))
 
@@ -90,7 +90,30 @@ def run(
     labels_uri = storage.join(build, "annotations", "labels.parquet")
     if storage.exists(labels_uri):
         result["discovery"] = score_discovery(out, size, meta)
+    if storage.exists(storage.join(build, masks.INDEX_TABLE)):
+        result["generalization"] = print_generalization(out, size, meta)
     return result
+
+
+def print_generalization(out: str, size: int, world_meta: dict) -> float:
+    """The paper's Section 3.4 check with the world's truth: does a worker give the same answer on
+    ranks 1-5 as on the last 5 ranks kept? Prints per pair and returns the agreement rate."""
+    checks = simulate.generalization_check(
+        storage.join(out, "build"), storage.join(out, "world", groundtruth.TABLE), "train", size
+    )
+    design = {d["class_index"]: d for d in world_meta["classes"]}
+    print("class  shape       feature  label      ranks 1-5 (object share)     last ranks kept (object share)")
+    for r in checks:
+        last = f"{r['last_ranks'][0]}-{r['last_ranks'][-1]}"
+        print(
+            f"{r['class_index']:<6} {design[r['class_index']]['shape']:<11} {r['feature_index']:<8} {r['label']:<10} "
+            f"{r['top_answer']:<16} ({r['top_object']:.2f})     {last:>6}: {r['last_answer']:<16} ({r['last_object']:.2f})"
+            + ("" if r["same"] else "   <- differs")
+        )
+    same = sum(r["same"] for r in checks)
+    rate = same / len(checks) if checks else float("nan")
+    print(f"\ngeneralisation: the same answer on ranks 1-5 and on the last 5 kept for {same} of {len(checks)} pairs ({rate:.0%})\n")
+    return rate
 
 
 def score_discovery(out: str, size: int, world_meta: dict) -> dict:

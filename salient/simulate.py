@@ -79,3 +79,34 @@ def simulate(out: str, root: str, groundtruth_uri: str, split: str, preprocess: 
     uri = storage.join(out, INCOMING, SIMULATED_FILE)
     storage.write_bytes_atomic(uri, buf.getvalue().encode("utf-8"))
     return {"uri": uri, "pairs": len(records), "answers": answers, "workers": cfg.simulated_workers}
+
+
+def generalization_check(out: str, groundtruth_uri: str, split: str, crop: int, n: int = 5) -> list[dict]:
+    """Per pair with masks: the answer a careful worker gives on ranks 1..n and on the last n ranks
+    kept (the paper's Section 3.4 check, with the world's truth instead of people)."""
+    from salient.masks import INDEX_TABLE
+
+    index = storage.read_parquet(storage.join(out, INDEX_TABLE)).sort_by(
+        [("class_index", "ascending"), ("feature_index", "ascending"), ("rank", "ascending")]
+    )
+    pairs: dict[tuple[int, int], list[dict]] = {}
+    for row in index.to_pylist():
+        pairs.setdefault((row["class_index"], row["feature_index"]), []).append(row)
+    truths = groundtruth.load(groundtruth_uri, split, index.column("relpath").to_pylist(), crop, crop) if index.num_rows else {}
+    results = []
+    for (c, j), rows in pairs.items():
+        if len(rows) < 2:
+            continue
+        k = min(n, len(rows) // 2)
+        sides = {}
+        for name, part in (("top", rows[:k]), ("last", rows[-k:])):
+            record = {"nams": [r["nam"] for r in part], "nam_h": part[0]["nam_h"], "nam_w": part[0]["nam_w"], "relpaths": [r["relpath"] for r in part]}
+            shares, kind = perceived(record, truths, crop)
+            sides[name] = (true_answer(shares, kind)[0], shares, [r["rank"] for r in part])
+        results.append({
+            "class_index": c, "feature_index": j, "label": rows[0]["label"],
+            "top_answer": sides["top"][0], "last_answer": sides["last"][0],
+            "top_object": sides["top"][1]["object"], "last_object": sides["last"][1]["object"],
+            "last_ranks": sides["last"][2], "same": sides["top"][0] == sides["last"][0],
+        })
+    return results

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from salient import config, discover, storage, world
+from salient.dataset import SalientMasks
 from tests.helpers import make_checkpoint
 
 
@@ -23,11 +24,12 @@ def tiny_world_config(tmp_path):
     ])
 
 
-def test_discover_simulate_ingest(tiny_world_config, ray_session, prefect_server):
+def test_discover_simulate_ingest_generalize(tiny_world_config, ray_session, prefect_server):
     from flows.activations import activations_flow
     from flows.aggregate import aggregate_flow
     from flows.annotations import ingest_flow, simulate_flow
     from flows.discover import discover_flow
+    from flows.generalize import generalize_flow
 
     cfg = tiny_world_config
     activations_flow(cfg)
@@ -61,3 +63,12 @@ def test_discover_simulate_ingest(tiny_world_config, ray_session, prefect_server
     votes = np.array([[r["votes_main_object"], r["votes_separate_object"], r["votes_background"]] for r in table])
     assert (votes.sum(axis=1) == 5).all()
     assert all((r["label"] == "spurious") == (r["votes_separate_object"] + r["votes_background"] >= 3) for r in table)
+
+    labelled = sum(r["label"] in ("core", "spurious") for r in table)
+    cfg.generalize.images_per_pair = 4
+    cfg.generalize.masks_per_shard = 5
+    gen = generalize_flow(cfg)
+    assert gen["masks"] == labelled * 4 and gen["computed_blocks"] == gen["blocks"] == -(-labelled * 4 // 5)
+    store = SalientMasks(cfg.output)
+    assert len(store) == gen["masks"] and store.array.shape == (gen["masks"], 32, 32)
+    assert generalize_flow(cfg)["computed_blocks"] == 0, "a rerun recomputes no mask"

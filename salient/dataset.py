@@ -1,0 +1,154 @@
+"""Readers for consumers of a build: the masks by (relpath, feature) or row, and a torch Dataset of
+images with their core and spurious masks. Everything is read through fsspec."""
+
+from __future__ import annotations
+
+import csv
+import io
+import posixpath
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from salient import images, nam, storage
+from salient.masks import INDEX_TABLE, open_array
+
+
+class SalientMasks:
+    """The masks of a build output ``out``: ``masks/index.parquet`` and ``masks/masks.zarr``."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+        uri = storage.join(out, INDEX_TABLE)
+        if not storage.exists(uri):
+            raise ValueError(f"no mask index at {uri}; run `salient generalize CONFIG` first")
+        self.index = storage.read_parquet(uri)
+        self.array = open_array(out, mode="r")
+        if self.array.shape[0] != self.index.num_rows:
+            raise ValueError(f"{out}: the mask array has {self.array.shape[0]} rows, the index {self.index.num_rows}")
+        rel = self.index.column("relpath").to_pylist()
+        feat = self.index.column("feature_index").to_pylist()
+        self._by_key: dict[tuple[str, int], list[int]] = {}
+        self._by_image: dict[str, list[int]] = {}
+        for i, (r, f) in enumerate(zip(rel, feat)):
+            self._by_key.setdefault((r, f), []).append(i)
+            self._by_image.setdefault(r, []).append(i)
+
+    def __len__(self) -> int:
+        return self.index.num_rows
+
+    def row(self, i: int) -> dict:
+        """Index row ``i`` as a dict (without the ``nam`` values)."""
+        return {k: v for k, v in self.index.slice(i, 1).to_pylist()[0].items() if k != "nam"}
+
+    def rows_for(self, relpath: str, feature_index: int | None = None) -> list[int]:
+        """Rows of an image, of one of its features when ``feature_index`` is given."""
+        if feature_index is None:
+            return list(self._by_image.get(relpath, []))
+        return list(self._by_key.get((relpath, feature_index), []))
+
+    def images(self) -> list[str]:
+        """Relpaths of the images that have masks, in row order of their first mask."""
+        return list(self._by_image)
+
+    def mask(self, i: int) -> np.ndarray:
+        """Mask ``i`` at the stored size: uint8 ``[H, W]``, round(255 * NAM)."""
+        return np.asarray(self.array[i])
+
+    def nam(self, i: int) -> np.ndarray:
+        """The normalised low-resolution map of mask ``i``: float32 ``[nam_h, nam_w]``."""
+        r = self.index.slice(i, 1)
+        h, w = r.column("nam_h")[0].as_py(), r.column("nam_w")[0].as_py()
+        return np.asarray(r.column("nam")[0].values.to_numpy(zero_copy_only=False), np.float32).reshape(h, w)
+
+    def rebuild(self, i: int, size: int | tuple[int, int]) -> np.ndarray:
+        """Mask ``i`` rebuilt from its ``nam`` at any size: float32 in [0, 1]."""
+        return nam.upsample(torch.from_numpy(self.nam(i))[None], size)[0].clamp(0, 1).numpy()
+
+    def find(self, relpath: str, feature_index: int) -> np.ndarray:
+        """The stored mask of (relpath, feature); ``KeyError`` when there is none."""
+        rows = self.rows_for(relpath, feature_index)
+        if not rows:
+            raise KeyError(f"no mask for ({relpath!r}, feature {feature_index})")
+        return self.mask(rows[0])
+
+
+class SalientDataset(Dataset):
+    """Images that have masks, each with its core mask, its spurious mask and its label.
+
+    The core (spurious) mask is the pixel-wise max of the image's masks from core (spurious)
+    pairs, as float32 in [0, 1]; zeros when it has none. Items are
+    ``(image [3, H, W] in [0, 1], core [H, W], spurious [H, W], label)``.
+    """
+
+    def __init__(self, out: str, root: str, resize: int, crop: int) -> None:
+        self.masks = SalientMasks(out)
+        self.root = root
+        self.resize, self.crop = resize, crop
+        self.relpaths = self.masks.images()
+        self._pair_labels = self.masks.index.column("label").to_pylist()
+        image_labels = self.masks.index.column("image_label").to_pylist()
+        self._image_label = {rel: image_labels[rows[0]] for rel, rows in self.masks._by_image.items()}
+
+    def __len__(self) -> int:
+        return len(self.relpaths)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        rel = self.relpaths[k]
+        img = images.load_image(storage.read_bytes(storage.under(self.root, rel)), self.resize, self.crop)
+        core = np.zeros((self.crop, self.crop), np.float32)
+        spurious = np.zeros((self.crop, self.crop), np.float32)
+        for i in self.masks.rows_for(rel):
+            target = core if self._pair_labels[i] == "core" else spurious
+            np.maximum(target, self.masks.mask(i).astype(np.float32) / 255.0, out=target)
+        return img, torch.from_numpy(core), torch.from_numpy(spurious), self._image_label[rel]
+
+
+def export_reference(out: str, dest: str) -> dict:
+    """Write the original release's layout under ``dest``: ``<wnid>/image_names_map.csv`` (one column
+    per feature, the image stems in rank order) and ``<wnid>/feature_<j>/<stem>.png``.
+
+    The reference notebooks open ``train/<wnid>/<stem>``; an image filed under another class folder
+    is named ``<its folder>__<stem>`` and listed with its own relpath in ``<wnid>/image_relpaths.csv``.
+    """
+    m = SalientMasks(out)
+    cols = m.index.select(["class_index", "wnid", "feature_index", "rank", "relpath"]).to_pylist()
+    by_class: dict[str, dict[int, list[tuple[int, str, int]]]] = {}
+    for i, r in enumerate(cols):
+        by_class.setdefault(r["wnid"], {}).setdefault(r["feature_index"], []).append((r["rank"], r["relpath"], i))
+    written = elsewhere = 0
+    for wnid, features in by_class.items():
+        storage.safe_relpath(wnid)
+        stems: dict[int, list[str]] = {}
+        moved: list[tuple[int, str, str]] = []
+        for j, items in sorted(features.items()):
+            stems[j] = []
+            for _, rel, i in sorted(items):
+                stem = posixpath.splitext(posixpath.basename(rel))[0]
+                if posixpath.dirname(rel) != wnid:
+                    # filed under another class: a name that cannot collide with this class's own stems
+                    stem = posixpath.splitext(rel)[0].replace("/", "__")
+                stems[j].append(stem)
+                buf = io.BytesIO()
+                Image.fromarray(m.mask(i)).save(buf, format="PNG")
+                storage.write_bytes_atomic(storage.join(dest, wnid, f"feature_{j}", f"{stem}.png"), buf.getvalue())
+                written += 1
+                if posixpath.dirname(rel) != wnid:
+                    moved.append((j, stem, rel))
+        depth = max(len(v) for v in stems.values())
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow([str(j) for j in stems])
+        for k in range(depth):
+            writer.writerow([v[k] if k < len(v) else "" for v in stems.values()])
+        storage.write_bytes_atomic(storage.join(dest, wnid, "image_names_map.csv"), text.getvalue().encode())
+        if moved:
+            side = io.StringIO()
+            w = csv.writer(side, lineterminator="\n")
+            w.writerow(["feature_index", "image_name", "relpath"])
+            w.writerows(moved)
+            storage.write_bytes_atomic(storage.join(dest, wnid, "image_relpaths.csv"), side.getvalue().encode())
+            elsewhere += len(moved)
+    return {"classes": len(by_class), "masks": written, "filed_elsewhere": elsewhere, "dest": dest}
