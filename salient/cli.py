@@ -120,6 +120,31 @@ def _stage_command(name: str) -> Callable[[argparse.Namespace], int]:
     return command
 
 
+def cmd_study_export(args: argparse.Namespace) -> int:
+    from salient import metadata, study
+
+    cfg = _load(args)
+    cfgmod.check(cfg, ["dataset", "output"])
+    meta = metadata.read_class_metadata(cfg.dataset.class_metadata) if cfg.dataset.class_metadata else None
+    s = study.export_study(
+        cfg.output, cfg.dataset.root, cfg.preprocess.resize, cfg.preprocess.crop, cfg.discover.images_per_pair, meta, cfg.discover.base_url
+    )
+    print(f"study: {s['pairs']} pairs ({s['made']} made, {s['skipped']} skipped) -> {s['tasks']}")
+    return 0
+
+
+def cmd_study_ingest(args: argparse.Namespace) -> int:
+    from salient import ingest, study
+
+    cfg = _load(args)
+    cfgmod.check(cfg, ["output"])
+    files = study.study_answer_files(cfg.output, args.answers)
+    s = study.ingest_study(cfg.output, files, ingest.known_classes(cfg.output, cfg.dataset.class_metadata if cfg.dataset else None))
+    agreement = "n/a" if s["overall_agreement"] is None else f"{s['overall_agreement']:.1%}"
+    print(f"study: {s['answers']} answers ({s['rejected']} rejected) for {s['pairs']} pairs; overall agreement {agreement}")
+    return 0
+
+
 def cmd_export_reference(args: argparse.Namespace) -> int:
     from salient.dataset import export_reference
 
@@ -196,6 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = annotate.add_parser("simulate", help="simulated workers answer every pair from a synthetic world's ground truth")
     _config_args(p)
     p.set_defaults(func=_stage_command("simulate"))
+
+    study = sub.add_parser("study", help="the paper's generalisation study, for people").add_subparsers(dest="study_command", required=True)
+    p = study.add_parser("export", help="per pair: top-5 images and heatmaps against the last 5 kept, and study/tasks.csv")
+    _config_args(p)
+    p.set_defaults(func=cmd_study_export)
+    p = study.add_parser("ingest", help="agreement per pair from study answers (same | different | A_unclear | B_unclear)")
+    _config_args(p)
+    p.add_argument("--answers", action="append", default=[], metavar="URI", help="a study answer CSV (repeatable)")
+    p.set_defaults(func=cmd_study_ingest)
 
     export = sub.add_parser("export", help="export a build for other tools").add_subparsers(dest="export_command", required=True)
     p = export.add_parser("reference", help="the original release's layout: <wnid>/image_names_map.csv, <wnid>/feature_<j>/<stem>.png")

@@ -90,7 +90,7 @@ def plan_work(
     return [todo[c] for c in sorted(todo)], done
 
 
-def _strip(tiles: Sequence[np.ndarray]) -> bytes:
+def png_strip(tiles: Sequence[np.ndarray]) -> bytes:
     """uint8 ``[H, W, 3]`` tiles side by side, 2 px apart on white, as PNG bytes."""
     h, w = tiles[0].shape[:2]
     gap = 2
@@ -165,7 +165,7 @@ class DiscoverRunner:
                 }
                 for name in STRIPS:
                     uri = storage.join(folder, f"{name}.png")
-                    storage.write_bytes_atomic(uri, _strip(tiles[name]))
+                    storage.write_bytes_atomic(uri, png_strip(tiles[name]))
                     record["files"][name] = f"{p.wnid}/feature_{p.feature_index}/{name}.png"
                 record["nam_h"], record["nam_w"] = int(low_np.shape[1]), int(low_np.shape[2])
                 record["nams"] = [np.round(low_np[i], 4).ravel().tolist() for i in range(a, b)]

@@ -18,7 +18,7 @@ import posixpath
 import re
 import threading
 from collections import Counter
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,10 +107,11 @@ REJECTED_SCHEMA = pa.schema([
 ])
 
 
-def answer_files(out: str, extra: Sequence[str] = ()) -> list[str]:
+def answer_files(out: str, extra: Sequence[str] = (), folder: str = INCOMING) -> list[str]:
     """The answer files to ingest: ``extra`` in the given order, then every ``*.csv`` directly under
-    ``<out>/annotations/incoming/`` by name; a file named twice is kept once, at its first place."""
-    incoming = storage.join(out, INCOMING)
+    ``<out>/<folder>/`` (default ``annotations/incoming/``) by name; a file named twice is kept
+    once, at its first place."""
+    incoming = storage.join(out, folder)
     fs, path = storage.url_to_fs(incoming)
     found: list[str] = []
     if fs.isdir(path):
@@ -124,6 +125,20 @@ def answer_files(out: str, extra: Sequence[str] = ()) -> list[str]:
             seen.add(key)
             files.append(uri)
     return files
+
+
+def known_classes(out: str, class_metadata: str | None = None) -> dict[int, str] | None:
+    """class_index -> wnid from a class metadata CSV, else from the build's ``classes.parquet``,
+    else None (no class check)."""
+    from salient.aggregate import CLASSES_TABLE
+    from salient.metadata import read_class_metadata
+
+    if class_metadata:
+        return {c.class_index: c.wnid for c in read_class_metadata(class_metadata)}
+    uri = storage.join(out, CLASSES_TABLE)
+    if storage.exists(uri):
+        return {r["class_index"]: r["wnid"] for r in storage.read_parquet(uri, ["class_index", "wnid"]).to_pylist()}
+    return None
 
 
 def label_votes(main_object: int, separate_object: int, background: int, min_answers: int = 5) -> tuple[str, str | None]:
@@ -283,14 +298,21 @@ def _validate(
     )
 
 
-def _ingest_file(
+def read_answer_file(
     uri: str,
     data: bytes,
     ledger: _Ledger,
     classes: Mapping[int, str] | None,
     wnid_of: dict[int, tuple[str, str, int]],
     first_answer: dict[tuple[str, int, int], tuple[str, int]],
+    validate: Callable[..., _Answer] | None = None,
+    columns: Sequence[str] = ANSWER_COLUMNS,
 ) -> None:
+    """Validate every row of one answer file into ``ledger`` (accepted answers and rejected rows).
+
+    ``validate`` checks one row's cells (default: the discovery answers); ``columns`` are the
+    expected header named in messages. A file that cannot be read is one rejected row."""
+    validate = validate or _validate
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -302,7 +324,7 @@ def _ingest_file(
     except _Rejected as exc:
         ledger.reject(uri, 0, exc.kind, f"{exc.reason}; no row of this file was used")
         return
-    expected = ", ".join(ANSWER_COLUMNS)
+    expected = ", ".join(columns)
     header_line, header_cells = records[0] if records else (1, None)
     if header_cells is None:
         ledger.reject(uri, header_line, "missing_columns", f"no readable header row; expected the columns {expected}")
@@ -323,7 +345,7 @@ def _ingest_file(
             continue
         cells = {name: row[i].strip() if i < len(row) else "" for name, i in position.items()}
         try:
-            ledger.accepted.append(_validate(cells, uri, line, classes, wnid_of, first_answer))
+            ledger.accepted.append(validate(cells, uri, line, classes, wnid_of, first_answer))
         except _Rejected as exc:
             raw: dict[str, Any] = dict(zip(header, row))
             if len(row) > len(header):
@@ -413,7 +435,7 @@ def ingest(
     for uri in answer_uris:
         data = storage.read_bytes(uri)
         digests.append((uri, hashlib.sha256(data).hexdigest()))
-        _ingest_file(uri, data, ledger, classes, wnid_of, first_answer)
+        read_answer_file(uri, data, ledger, classes, wnid_of, first_answer)
     wnids = classes if classes is not None else {c: w for c, (w, _, _) in wnid_of.items()}
     labels = _label_rows(ledger, wnids, build, min_answers)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from salient import config, discover, storage, world
+from salient import cli, config, discover, storage, world
 from salient.dataset import SalientMasks
 from tests.helpers import make_checkpoint
 
@@ -72,3 +72,11 @@ def test_discover_simulate_ingest_generalize(tiny_world_config, ray_session, pre
     store = SalientMasks(cfg.output)
     assert len(store) == gen["masks"] and store.array.shape == (gen["masks"], 32, 32)
     assert generalize_flow(cfg)["computed_blocks"] == 0, "a rerun recomputes no mask"
+
+    config_path = os.path.join(os.path.dirname(cfg.output), "salient.yaml")
+    with open(config_path, "w") as fh:
+        fh.write(config.to_yaml(cfg))
+    assert cli.main(["study", "export", config_path]) == 0
+    study_rows = list(csv.DictReader(open(os.path.join(cfg.output, "study", "tasks.csv"))))
+    assert len(study_rows) == labelled and study_rows[0]["a_ranks"] == "1;2;3" and study_rows[0]["b_ranks"] == "4"
+    assert cli.main(["export", "reference", cfg.output, os.path.join(os.path.dirname(cfg.output), "reference")]) == 0

@@ -1,0 +1,335 @@
+"""The generalisation study, for people (design.md §2 "Generalisation").
+
+A pair's label, given on its top-5 images, is applied to its top-K images without more human work.
+The paper checked this by showing workers, per pair, the top-5 images and heatmaps (side A) against
+the last 5 images kept (side B: ranks 61..65 when K = 65) and asking whether both sides show the
+same visual feature: ``same | different | A_unclear | B_unclear``, a confidence 1..5 and a reason.
+
+Export, per pair, under ``study/<wnid>/feature_<j>/``: ``a_images.png``, ``a_heatmaps.png``,
+``b_images.png``, ``b_heatmaps.png`` (strips as in ``discover``) and ``assets.json`` (the
+fingerprint of what the strips depend on, so unchanged pairs are not remade); ``study/tasks.csv``
+has one crowd-task row per pair. Heatmaps are drawn from the NAMs stored in ``masks/index.parquet``,
+so no model is needed. A pair with fewer than ``2 * images_per_side`` images keeps A as close to
+the annotated top images as it can and gives B what is left, so the two sides never share an image
+(see :func:`sides`); a pair with fewer than 2 images is skipped.
+
+Ingest validates answers as the discovery ingest does and writes, under ``annotations/``,
+``generalization.parquet`` (one row per pair, with its agreement rate),
+``generalization_answers.parquet`` (every accepted answer, reasons included) and
+``generalization_rejected.parquet`` (every rejected row or file, with a reason).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from salient import images, ingest, nam, storage
+from salient.discover import csv_safe, png_strip
+from salient.masks import INDEX_TABLE
+from salient.metadata import ClassInfo
+
+CODE_VERSION = "study-1"
+DIRNAME = "study"
+TASKS_CSV = "study/tasks.csv"
+STRIPS = ("a_images", "a_heatmaps", "b_images", "b_heatmaps")
+TASK_COLUMNS = (
+    "class_index", "wnid", "class_name", "definition", "supercategory", "feature_index", "feature_rank", "label",
+    *(f"{s}_url" for s in STRIPS), "a_ranks", "b_ranks", "a_image_ids", "b_image_ids",
+)
+INDEX_COLUMNS = (
+    "class_index", "wnid", "feature_index", "feature_rank", "label", "rank", "image_id", "relpath", "nam", "nam_h", "nam_w",
+)
+
+STUDY_ANSWERS = ("same", "different", "A_unclear", "B_unclear")
+ANSWER_COLUMNS = (
+    "WorkerId", "Input.wordnet_id", "Input.class_index", "Input.feature_index",
+    "Answer.main", "Answer.confidence", "Answer.reasons",
+)
+
+STUDY_INCOMING = "annotations/study_incoming"
+GENERALIZATION_TABLE = "annotations/generalization.parquet"
+GENERALIZATION_ANSWERS_TABLE = "annotations/generalization_answers.parquet"
+GENERALIZATION_REJECTED_TABLE = "annotations/generalization_rejected.parquet"
+
+GENERALIZATION_SCHEMA = pa.schema([
+    ("class_index", pa.int32()),
+    ("wnid", pa.string()),
+    ("feature_index", pa.int32()),
+    ("votes_same", pa.int64()),
+    ("votes_different", pa.int64()),
+    ("votes_a_unclear", pa.int64()),
+    ("votes_b_unclear", pa.int64()),
+    ("n_answers", pa.int64()),
+    ("agreement", pa.float64()),
+    ("mean_confidence", pa.float64()),
+])
+ANSWERS_SCHEMA = ingest.ANSWERS_SCHEMA.remove(ingest.ANSWERS_SCHEMA.get_field_index("feature_rank"))
+
+
+def study_dir(out: str, wnid: str, feature: int) -> str:
+    """The folder of one pair's study assets."""
+    return storage.join(out, DIRNAME, storage.safe_relpath(wnid), f"feature_{feature}")
+
+
+def sides(n: int, images_per_side: int) -> tuple[int, int]:
+    """(images on side A, images on side B) for a pair with ``n`` ranked images: A is the first
+    ``min(images_per_side, n - 1)`` ranks, B the last ``min(images_per_side, n - len(A))``, so the
+    sides never share an image (K = 65 gives ranks 1..5 against 61..65; K = 7 gives 1..5 against 6..7)."""
+    if images_per_side < 1:
+        raise ValueError(f"images_per_side = {images_per_side}: must be at least 1")
+    if n < 2:
+        raise ValueError(f"a pair needs at least 2 images for the study, not {n}")
+    a = min(images_per_side, n - 1)
+    return a, min(images_per_side, n - a)
+
+
+def _read_index(out: str) -> pa.Table:
+    uri = storage.join(out, INDEX_TABLE)
+    if not storage.exists(uri):
+        raise ValueError(f"no mask index at {uri}; run `salient generalize CONFIG` first")
+    table = storage.read_parquet(uri)
+    missing = [c for c in INDEX_COLUMNS if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{uri} lacks the columns {', '.join(missing)}; rerun `salient generalize CONFIG`")
+    return table.select(list(INDEX_COLUMNS))
+
+
+def _pairs(table: pa.Table) -> list[np.ndarray]:
+    """Row positions of each pair, by rank, pairs ordered by (class_index, feature_index)."""
+    cls = table.column("class_index").to_numpy()
+    feat = table.column("feature_index").to_numpy()
+    rank = table.column("rank").to_numpy()
+    order = np.lexsort((rank, feat, cls))
+    cls, feat, rank = cls[order], feat[order], rank[order]
+    new_pair = (cls[1:] != cls[:-1]) | (feat[1:] != feat[:-1])
+    repeated = np.flatnonzero(~new_pair & (rank[1:] == rank[:-1]))
+    if repeated.size:
+        i = repeated[0]
+        raise ValueError(
+            f"masks/index.parquet has rank {rank[i]} twice for class {cls[i]} feature {feat[i]}; "
+            "rerun `salient generalize CONFIG`"
+        )
+    return np.split(order, np.flatnonzero(new_pair) + 1) if order.size else []
+
+
+def _image(root: str, relpath: str, resize: int, crop: int, cache: dict[str, np.ndarray]) -> np.ndarray:
+    if relpath not in cache:
+        uri = storage.under(root, relpath)
+        try:
+            pixels = images.load_image(storage.read_bytes(uri), resize, crop)
+        except images.DECODE_ERRORS as exc:
+            raise ValueError(f"cannot read image {uri} ({images.describe_error(exc)}); check the dataset root") from exc
+        cache[relpath] = pixels.permute(1, 2, 0).numpy()
+    return cache[relpath]
+
+
+def _side_tiles(rows: Sequence[dict], maps: np.ndarray, root: str, resize: int, crop: int,
+                cache: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(image tiles, heatmap tiles) of ``rows``, ``maps`` their low-resolution NAMs ``[n, h, w]``."""
+    masks = nam.upsample(torch.from_numpy(maps), crop).numpy()
+    pix = [_image(root, r["relpath"], resize, crop, cache) for r in rows]
+    return [nam.to_uint8(p) for p in pix], [nam.to_uint8(nam.heatmap(p, m)) for p, m in zip(pix, masks)]
+
+
+def export_study(
+    out: str,
+    root: str,
+    resize: int,
+    crop: int,
+    images_per_side: int = 5,
+    metadata: Sequence[ClassInfo] | None = None,
+    base_url: str | None = None,
+) -> dict:
+    """Write the study's assets for every pair of ``<out>/masks/index.parquet`` and ``study/tasks.csv``.
+
+    ``root`` is the image dataset the index's relpaths point into, ``resize``/``crop`` its
+    preprocessing. Task URLs are relative to ``study/``, or prefixed by ``base_url``. Returns
+    ``{pairs, skipped, made, tasks}``: pairs exported, pairs skipped for having fewer than 2 images,
+    pairs whose strips were (re)made by this call, and the URI of ``tasks.csv``.
+    """
+    if not out:
+        raise ValueError("out is empty; give the output root (a path or URI)")
+    if resize < 1 or crop < 1:
+        raise ValueError(f"resize = {resize}, crop = {crop}: both must be positive (preprocess.resize, preprocess.crop)")
+    if images_per_side < 1:
+        raise ValueError(f"images_per_side = {images_per_side}: must be at least 1")
+    table = _read_index(out)
+    h_w = {(h, w) for h, w in zip(table.column("nam_h").to_pylist(), table.column("nam_w").to_pylist())}
+    if len(h_w) > 1:
+        raise ValueError(f"masks/index.parquet mixes NAM sizes {sorted(h_w)}; rerun `salient generalize CONFIG`")
+    h, w = h_w.pop() if h_w else (0, 0)
+    by_wnid = {c.wnid: c for c in metadata or []}
+    prefix = (base_url.rstrip("/") + "/") if base_url else ""
+    source = storage.normalize_uri(root)
+
+    tasks: list[list[Any]] = []
+    skipped = made = 0
+    cache: dict[str, np.ndarray] = {}
+    cached_class = None
+    for positions in _pairs(table):
+        if len(positions) < 2:
+            skipped += 1
+            continue
+        a, b = sides(len(positions), images_per_side)
+        chosen = table.take(np.concatenate([positions[:a], positions[len(positions) - b:]]))
+        rows = chosen.drop_columns(["nam"]).to_pylist()
+        maps = chosen.column("nam").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        maps = maps.astype(np.float32).reshape(len(rows), h, w)
+        first = rows[0]
+        c, j, wnid = first["class_index"], first["feature_index"], first["wnid"]
+        if cached_class != c:  # pairs come class by class; a class's pairs share many images
+            cache, cached_class = {}, c
+        folder = study_dir(out, wnid, j)
+        files = {s: f"{wnid}/feature_{j}/{s}.png" for s in STRIPS}
+        fp = storage.fingerprint(
+            CODE_VERSION, source, resize, crop, [(r["rank"], r["image_id"], r["relpath"]) for r in rows], a,
+            hashlib.sha256(maps.tobytes()).hexdigest(),
+        )
+        record_uri = storage.join(folder, "assets.json")
+        if not (storage.exists(record_uri) and storage.read_json(record_uri).get("fingerprint") == fp):
+            strips = dict(zip(STRIPS, (
+                *_side_tiles(rows[:a], maps[:a], source, resize, crop, cache),
+                *_side_tiles(rows[a:], maps[a:], source, resize, crop, cache),
+            )))
+            for name, tiles in strips.items():
+                storage.write_bytes_atomic(storage.join(folder, f"{name}.png"), png_strip(tiles))
+            storage.write_json(record_uri, {"fingerprint": fp, "files": files})
+            made += 1
+        info = by_wnid.get(wnid)
+        tasks.append([
+            c, wnid, info.name if info else "", info.definition if info else "", info.supercategory if info else "",
+            j, first["feature_rank"], first["label"], *(prefix + files[s] for s in STRIPS),
+            ";".join(str(r["rank"]) for r in rows[:a]), ";".join(str(r["rank"]) for r in rows[a:]),
+            ";".join(str(r["image_id"]) for r in rows[:a]), ";".join(str(r["image_id"]) for r in rows[a:]),
+        ])
+
+    tasks.sort(key=lambda t: (t[0], t[6], t[5]))
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(TASK_COLUMNS)
+    writer.writerows([csv_safe(v) for v in t] for t in tasks)
+    uri = storage.join(out, TASKS_CSV)
+    storage.write_bytes_atomic(uri, buf.getvalue().encode("utf-8"))
+    return {"pairs": len(tasks), "skipped": skipped, "made": made, "tasks": uri}
+
+
+def study_answer_files(out: str, extra: Sequence[str] = ()) -> list[str]:
+    """The study's answer files: ``extra`` in the given order, then every ``*.csv`` directly under
+    ``<out>/annotations/study_incoming/`` by name; a file named twice is kept once, at its first place."""
+    return ingest.answer_files(out, extra, STUDY_INCOMING)
+
+
+def _validate(
+    cells: dict[str, str],
+    file: str,
+    line: int,
+    classes: Mapping[int, str] | None,
+    wnid_of: dict[int, tuple[str, str, int]],
+    first_answer: dict[tuple[str, int, int], tuple[str, int]],
+) -> ingest._Answer:
+    answer = cells.get("Answer.main", "")
+    if answer not in STUDY_ANSWERS:
+        raise ingest._Rejected("unknown_answer", f"Answer.main {answer!r} is not one of {', '.join(STUDY_ANSWERS)}")
+    # Everything but the answer is checked as in discovery: hand it an answer it accepts.
+    cells = {k: v for k, v in cells.items() if k != "Input.feature_rank"} | {"Answer.main": ingest.ANSWERS[0]}
+    checked = ingest._validate(cells, file, line, classes, wnid_of, first_answer)
+    return dataclasses.replace(checked, answer=answer)
+
+
+def _pair_rows(accepted: Sequence[ingest._Answer], wnids: Mapping[int, str]) -> list[dict[str, Any]]:
+    votes: dict[tuple[int, int], Counter[str]] = {}
+    confidences: dict[tuple[int, int], list[float]] = {}
+    for a in accepted:
+        votes.setdefault((a.class_index, a.feature_index), Counter())[a.answer] += 1
+        confidences.setdefault((a.class_index, a.feature_index), []).append(a.confidence)
+    rows = []
+    for (c, j), v in sorted(votes.items()):
+        decided = v["same"] + v["different"]
+        n = sum(v.values())
+        rows.append({
+            "class_index": c, "wnid": wnids.get(c), "feature_index": j,
+            "votes_same": v["same"], "votes_different": v["different"],
+            "votes_a_unclear": v["A_unclear"], "votes_b_unclear": v["B_unclear"],
+            "n_answers": n,
+            "agreement": v["same"] / decided if decided else None,
+            # fsum: the mean does not depend on the order of the answers
+            "mean_confidence": math.fsum(confidences[c, j]) / n,
+        })
+    return rows
+
+
+def ingest_study(out: str, answer_uris: Sequence[str], classes: Mapping[int, str] | None = None) -> dict:
+    """Validate the study's answers and write ``generalization.parquet`` (per pair: votes, agreement =
+    same / (same + different), mean confidence), ``generalization_answers.parquet`` and
+    ``generalization_rejected.parquet`` under ``<out>/annotations/``; returns a summary.
+
+    ``classes`` maps class_index to wnid (None: no class check). Rows are checked as in the
+    discovery ingest; a worker's second answer to a pair is rejected, the first counts. The
+    summary's ``overall_agreement`` is total same / (total same + total different), None without either.
+    """
+    if not out:
+        raise ValueError("out is empty; give the output root (a path or URI)")
+    if not answer_uris:
+        raise ValueError(
+            f"no study answer files to ingest: pass them, or put CSV files under {storage.join(out, STUDY_INCOMING)}/"
+        )
+    repeated = sorted(u for u, n in Counter(answer_uris).items() if n > 1)
+    if repeated:
+        raise ValueError(f"answer files listed more than once: {', '.join(repeated)}; list each file once")
+    missing = [u for u in answer_uris if not storage.exists(u)]
+    if missing:
+        raise ValueError(
+            f"answer files not found: {', '.join(missing)}; check the paths and {storage.join(out, STUDY_INCOMING)}/"
+        )
+    if classes is not None and not classes:
+        raise ValueError("classes is empty; pass None to skip the class check, or the dataset's classes")
+
+    ledger = ingest._Ledger()
+    wnid_of: dict[int, tuple[str, str, int]] = {}
+    first_answer: dict[tuple[str, int, int], tuple[str, int]] = {}
+    digests = []
+    for uri in answer_uris:
+        data = storage.read_bytes(uri)
+        digests.append((uri, hashlib.sha256(data).hexdigest()))
+        ingest.read_answer_file(uri, data, ledger, classes, wnid_of, first_answer, _validate, ANSWER_COLUMNS)
+    wnids = classes if classes is not None else {c: w for c, (w, _, _) in wnid_of.items()}
+    pairs = _pair_rows(ledger.accepted, wnids)
+    same = sum(p["votes_same"] for p in pairs)
+    decided = same + sum(p["votes_different"] for p in pairs)
+    overall = same / decided if decided else None
+
+    fp = storage.fingerprint(CODE_VERSION, digests, None if classes is None else sorted(classes.items()))
+    meta = {"code_version": CODE_VERSION, "overall_agreement": "" if overall is None else repr(overall)}
+    storage.write_parquet(
+        storage.join(out, GENERALIZATION_TABLE), pa.Table.from_pylist(pairs, schema=GENERALIZATION_SCHEMA), fp, meta
+    )
+    storage.write_parquet(
+        storage.join(out, GENERALIZATION_ANSWERS_TABLE),
+        pa.Table.from_pylist([dataclasses.asdict(a) for a in ledger.accepted], schema=ANSWERS_SCHEMA), fp, meta,
+    )
+    storage.write_parquet(
+        storage.join(out, GENERALIZATION_REJECTED_TABLE),
+        pa.Table.from_pylist(ledger.rejected, schema=ingest.REJECTED_SCHEMA), fp, meta,
+    )
+    return {
+        "files": len(answer_uris),
+        "rows": ledger.rows,
+        "answers": len(ledger.accepted),
+        "rejected": len(ledger.rejected),
+        "rejected_by_reason": dict(sorted(Counter(r["reason_kind"] for r in ledger.rejected).items())),
+        "pairs": len(pairs),
+        "votes": {a: sum(x.answer == a for x in ledger.accepted) for a in STUDY_ANSWERS},
+        "overall_agreement": overall,
+        "fingerprint": fp,
+    }
