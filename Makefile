@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.listing
 	$(BIN)/python -m benchmarks.activations
 	$(BIN)/python -m benchmarks.aggregate
+	$(BIN)/python -m benchmarks.masks
 
 clean:
 	rm -rf demo-out .pytest_cache

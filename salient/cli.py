@@ -54,6 +54,7 @@ class Stage:
     flow: str  # module:function
     describe: Callable[[dict, cfgmod.Config], str]
     need_discovery: bool = False
+    extra_check: Callable[[cfgmod.Config], None] | None = None
 
 
 STAGES: dict[str, Stage] = {
@@ -86,6 +87,15 @@ STAGES: dict[str, Stage] = {
         ),
         need_discovery=True,
     ),
+    "evaluate": Stage(
+        ("dataset", "output"), "flows.evaluate:evaluate_flow",
+        lambda s, c: "evaluate: mean over classes (clean / core acc = noise on spurious masks / spurious acc = noise on core masks)\n" + "\n".join(
+            f"  {r['model']:<12} sigma {r['sigma']:<5g} clean {_fmt(r['mean_clean_acc'])}  core {_fmt(r['mean_core_acc'])} "
+            f"({r['n_classes_core_acc']} classes)  spurious {_fmt(r['mean_spurious_acc'])} ({r['n_classes_spurious_acc']} classes)"
+            for r in s["summary"]
+        ) + f"\n  tables and plots -> {c.output}/evaluation/",
+        extra_check=cfgmod.check_eval_models,
+    ),
     "simulate": Stage(
         ("dataset", "output"), "flows.annotations:simulate_flow",
         lambda s, c: f"simulated annotators: {s['answers']} answers for {s['pairs']} pairs -> {s['uri']}",
@@ -101,10 +111,16 @@ STAGES: dict[str, Stage] = {
 }
 
 
+def _fmt(value: float | None) -> str:
+    return "  n/a" if value is None else f"{value:.3f}"
+
+
 def run_stage(name: str, cfg: cfgmod.Config, **params: object) -> dict:
     """Check the sections a stage uses, run its flow, print its summary."""
     stage = STAGES[name]
     cfgmod.check(cfg, stage.sections, need_discovery=stage.need_discovery)
+    if stage.extra_check is not None:
+        stage.extra_check(cfg)
     module, func = stage.flow.split(":")
     summary = getattr(importlib.import_module(module), func)(cfg, **params)
     print(stage.describe(summary, cfg))
@@ -188,7 +204,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_STAGES = ("activations", "aggregate", "discover", "simulate", "ingest", "generalize")
+DEMO_STAGES = ("activations", "aggregate", "discover", "simulate", "ingest", "generalize", "evaluate")
 
 
 def _run_demo_stage(name: str, config_path: str) -> dict:
@@ -209,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         "discover": "top images, heatmaps and feature attacks per pair, and the crowd-task table",
         "ingest": "core/spurious labels per pair from answer CSVs in the paper's schema",
         "generalize": "soft masks for the top-K images of every labelled pair (Zarr + Parquet index)",
+        "evaluate": "core and spurious accuracy of classifiers under noise on the masks",
     }
     for name, text in helps.items():
         p = sub.add_parser(name, help=text)

@@ -112,6 +112,39 @@ class GeneralizeConfig(_Section):
     masks_per_shard: int = Field(256, gt=0, description="masks per Zarr shard object (one writer each)")
 
 
+class EvalModelConfig(_Section):
+    """A classifier to measure: any torchvision classifier, a Salient arch, or timm:<name>."""
+
+    name: str = Field(description="the model's name in the tables")
+    checkpoint: str
+    arch: str = "resnet50"
+    format: Literal["robustness", "torchvision", "auto"] = "auto"
+
+
+class EvaluateConfig(_Section):
+    """Sensitivity of classifiers to noise on core and spurious regions (design.md §2)."""
+
+    models: list[EvalModelConfig] = Field(default_factory=list)
+    sigmas: list[float] = Field(default_factory=lambda: [0.25], description="noise levels")
+    trials: int = Field(1, gt=0, description="noise draws per image, averaged")
+    seed: int = 0
+    images_per_block: int = Field(128, gt=0, description="images per work item on the actor pool")
+
+    @field_validator("sigmas")
+    @classmethod
+    def _sigmas_valid(cls, value: list[float]) -> list[float]:
+        if not value or any(s < 0 for s in value):
+            raise ValueError("give at least one sigma, none negative")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> EvaluateConfig:
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique, got {names}")
+        return self
+
+
 class Config(BaseModel):
     """A whole Salient configuration. Every section is optional until a command needs it."""
 
@@ -126,6 +159,7 @@ class Config(BaseModel):
     discover: DiscoverConfig = Field(default_factory=DiscoverConfig)
     annotations: AnnotationsConfig = Field(default_factory=AnnotationsConfig)
     generalize: GeneralizeConfig = Field(default_factory=GeneralizeConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     @field_validator("output")
     @classmethod
@@ -218,6 +252,11 @@ def _resolve(value: Any, base_dir: str) -> Any:
 
 def _resolve_paths(raw: dict[str, Any], base_dir: str) -> None:
     """Make relative local paths in ``raw`` relative to ``base_dir``."""
+    evaluate = raw.get("evaluate")
+    if isinstance(evaluate, dict) and isinstance(evaluate.get("models"), list):
+        for entry in evaluate["models"]:
+            if isinstance(entry, dict) and "checkpoint" in entry:
+                entry["checkpoint"] = _resolve(entry["checkpoint"], base_dir)
     for path in PATH_KEYS:
         parent = raw if len(path) == 1 else raw.get(path[0])
         if not isinstance(parent, dict) or path[-1] not in parent:
@@ -347,6 +386,23 @@ def check_model(cfg: Config, need_discovery: bool = False) -> list[str]:
     if need_discovery and not model.supports_discovery:
         return [f"model.arch = {m.arch!r}: has no last conv stage and final linear layer; discovery needs a ResNet-like CNN"]
     return []
+
+
+def check_eval_models(cfg: Config) -> None:
+    """Every ``evaluate.models`` entry names a known arch and its checkpoint loads for it."""
+    from salient import models
+
+    problems = [] if cfg.evaluate.models else ["evaluate.models: empty; list the classifiers to measure ({name, arch, checkpoint, format})"]
+    for i, m in enumerate(cfg.evaluate.models):
+        if not models.known_arch(m.arch):
+            problems.append(f"evaluate.models.{i}.arch = {m.arch!r}: unknown; use a torchvision classifier name or timm:<name>")
+            continue
+        try:
+            models.load(m.checkpoint, m.arch, m.format)
+        except models.CheckpointError as exc:
+            problems.append(f"evaluate.models.{i}.checkpoint = {m.checkpoint!r}: {exc}")
+    if problems:
+        raise ConfigError(problems)
 
 
 def check_output(cfg: Config) -> list[str]:

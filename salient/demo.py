@@ -50,6 +50,13 @@ def demo_config(out: str, size: int) -> dict:
         "preprocess": {"resize": size, "crop": size},
         "output": storage.join(out, "build"),
         "compute": {"shard_size": 200, "batch_size": 64},
+        "evaluate": {
+            "models": [
+                {"name": name, "arch": "tiny_resnet", "format": "robustness", "checkpoint": storage.join(out, "models", f"{name}.pt")}
+                for name, _ in MODELS
+            ],
+            "sigmas": [0.25, 0.5],
+        },
     }
 
 

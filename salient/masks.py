@@ -41,7 +41,7 @@ INDEX_COLUMNS = (
 
 def open_array(out: str, mode: str = "r") -> zarr.Array:
     """The mask array of a build output (any fsspec URI)."""
-    return zarr.open_array(store=_store(storage.join(out, ZARR_PATH), read_only=mode == "r"), mode=mode)
+    return zarr.open_array(store=_store(storage.join(out, ZARR_PATH), read_only=mode == "r"), mode=mode, zarr_format=3)
 
 
 def _store(uri: str, read_only: bool) -> zarr.abc.store.Store:

@@ -7,6 +7,7 @@ import pytest
 
 from salient import config
 from salient.cli import LOCAL_ENV_DEFAULTS
+from tests.s3server import s3_server  # noqa: F401 -- session fixture: a local S3 server
 from tests.helpers import make_checkpoint, make_image_folder
 
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="salient-test-prefect-"))

@@ -80,3 +80,17 @@ def test_discover_simulate_ingest_generalize(tiny_world_config, ray_session, pre
     study_rows = list(csv.DictReader(open(os.path.join(cfg.output, "study", "tasks.csv"))))
     assert len(study_rows) == labelled and study_rows[0]["a_ranks"] == "1;2;3" and study_rows[0]["b_ranks"] == "4"
     assert cli.main(["export", "reference", cfg.output, os.path.join(os.path.dirname(cfg.output), "reference")]) == 0
+
+    from flows.evaluate import evaluate_flow
+
+    cfg.evaluate.models = [config.EvalModelConfig(name="tiny", arch="tiny_resnet", checkpoint=cfg.model.checkpoint)]
+    cfg.evaluate.sigmas = [0.0, 0.5]
+    first = evaluate_flow(cfg)
+    assert (first["models"], first["sigmas"], first["reused"]) == (1, 2, 0)
+    pairs_eval = storage.read_parquet(f"{cfg.output}/evaluation/pairs.parquet").to_pylist()
+    assert len(pairs_eval) == 2 * labelled
+    assert all(r["noisy_acc"] == r["clean_acc"] for r in pairs_eval if r["sigma"] == 0.0)
+    assert all(0.0 <= r["clean_acc"] <= 1.0 for r in pairs_eval)
+    assert os.path.exists(f"{cfg.output}/evaluation/tiny.png")
+    again = evaluate_flow(cfg)
+    assert again["reused"] == 2 and again["summary"] == first["summary"]

@@ -1,11 +1,9 @@
 import csv
-import io
 import os
 import threading
 
 import numpy as np
 import pyarrow as pa
-import pytest
 import torch
 from PIL import Image
 
