@@ -55,7 +55,7 @@ def demo_config(out: str, size: int) -> dict:
                 {"name": name, "arch": "tiny_resnet", "format": "robustness", "checkpoint": storage.join(out, "models", f"{name}.pt")}
                 for name, _ in MODELS
             ],
-            "sigmas": [0.25, 0.5],
+            "sigmas": [0.25, 0.5, 1.0],
         },
     }
 

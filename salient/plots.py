@@ -10,13 +10,13 @@ from PIL import Image, ImageDraw
 COLOURS = {"clean": (90, 90, 90), "core": (40, 110, 200), "spurious": (210, 60, 50)}
 
 
-def accuracy_chart(model: str, summary: Sequence[dict], pairs: Sequence[dict]) -> bytes:
-    """Left: mean clean / core / spurious accuracy per sigma. Right: every pair's accuracy drop,
-    sorted, coloured by its label (blue core, red spurious)."""
+def accuracy_chart(model: str, summary: Sequence[dict], pairs: Sequence[dict], sigma: float) -> bytes:
+    """Left: mean clean / core / spurious accuracy per sigma. Right: every pair's accuracy drop at
+    ``sigma``, sorted, coloured by its label (blue core, red spurious)."""
     w, h, pad = 900, 360, 40
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
-    d.text((pad, 8), f"{model}: accuracy under noise (left), per-pair drop (right)", fill="black")
+    d.text((pad, 8), f"{model}: mean accuracy under noise (left), per-pair drop at sigma {sigma:g} (right)", fill="black")
     left, right = (pad, pad, w // 2 - pad // 2, h - pad), (w // 2 + pad // 2, pad, w - pad, h - pad)
     for x0, y0, x1, y1 in (left, right):
         d.line([(x0, y1), (x1, y1)], fill="black")
@@ -34,8 +34,9 @@ def accuracy_chart(model: str, summary: Sequence[dict], pairs: Sequence[dict]) -
         d.text((x0 + g * slot + 8, y1 + 4), f"sigma {row['sigma']:g}", fill="black")
     d.text((x0 + 4, y0 - 14), "1.0", fill="black")
     for k, name in enumerate(("clean", "core", "spurious")):
-        d.rectangle([x1 - 90, y0 + k * 14, x1 - 80, y0 + k * 14 + 10], fill=COLOURS[name])
-        d.text((x1 - 76, y0 + k * 14 - 2), f"{name} acc", fill="black")
+        lx = w // 2 + k * 110
+        d.rectangle([lx, 10, lx + 10, 20], fill=COLOURS[name])
+        d.text((lx + 14, 8), f"{name} acc" if name == "clean" else f"{name} acc / {name} pair", fill="black")
     x0, y0, x1, y1 = right
     drops = sorted((r for r in pairs if r["drop"] is not None), key=lambda r: r["drop"], reverse=True)
     if drops:

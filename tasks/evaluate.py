@@ -64,7 +64,8 @@ def evaluate_models(config: Config, max_attempts: int = 3) -> dict:
         chart = plots.accuracy_chart(
             entry.name,
             [r for r in summary.to_pylist() if r["model"] == entry.name],
-            [r for r in pairs.to_pylist() if r["model"] == entry.name and r["sigma"] == e.sigmas[0]],
+            [r for r in pairs.to_pylist() if r["model"] == entry.name and r["sigma"] == e.sigmas[-1]],
+            e.sigmas[-1],
         )
         storage.write_bytes_atomic(storage.join(config.output, evaluate.DIRNAME, f"{storage.safe_relpath(entry.name)}.png"), chart)
     logger.info("evaluated %d models x %d sigmas (%d reused from cache)", len(e.models), len(e.sigmas), reused)
