@@ -109,16 +109,11 @@ class ActivationRunner:
     net: models.SalientModel = field(init=False)
 
     def __post_init__(self) -> None:
-        self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if self.compute.precision == "fp16" and self.device == "cpu":
+        if self.compute.precision == "fp16" and (self.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu":
             raise ValueError("compute.precision = 'fp16' needs a CUDA device; use fp32 (or bf16) on the CPU")
-        if self.threads:
-            torch.set_num_threads(self.threads)
-        net = models.load(self.model.checkpoint, self.model.arch, self.model.format)
-        if not net.supports_discovery:
-            raise ValueError(f"model.arch = {self.model.arch!r} has no last conv stage; activations need a ResNet-like CNN")
-        self.net = models.prepare_for_inference(net, self.device)
-        self.width = net.feature_dim
+        m = self.model
+        self.net, self.device = models.load_for_worker(m.checkpoint, m.arch, m.format, self.device, self.threads, need_discovery=True)
+        self.width = self.net.feature_dim
 
     def _autocast(self):
         if self.compute.precision == "fp32":

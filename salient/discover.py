@@ -113,13 +113,8 @@ class DiscoverRunner:
     device: str | None = None
 
     def __post_init__(self) -> None:
-        self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if self.threads:
-            torch.set_num_threads(self.threads)
-        net = models.load(self.model.checkpoint, self.model.arch, self.model.format)
-        if not net.supports_discovery:
-            raise ValueError(f"model.arch = {self.model.arch!r} has no last conv stage; discovery needs a ResNet-like CNN")
-        self.net = models.prepare_for_inference(net, self.device)
+        m = self.model
+        self.net, self.device = models.load_for_worker(m.checkpoint, m.arch, m.format, self.device, self.threads, need_discovery=True)
 
     def __call__(self, work: ClassWork) -> list[dict]:
         fs, root = storage.url_to_fs(work.root)

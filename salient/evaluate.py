@@ -160,11 +160,8 @@ class EvalRunner:
     def __post_init__(self) -> None:
         from salient.dataset import SalientMasks
 
-        self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if self.threads:
-            torch.set_num_threads(self.threads)
-        net = models.load(self.entry.checkpoint, self.entry.arch, self.entry.format)
-        self.net = models.prepare_for_inference(net, self.device) if net.supports_discovery else net.to(self.device)
+        e = self.entry
+        self.net, self.device = models.load_for_worker(e.checkpoint, e.arch, e.format, self.device, self.threads)
         self.store = SalientMasks(self.out)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:

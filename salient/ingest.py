@@ -127,6 +127,24 @@ def answer_files(out: str, extra: Sequence[str] = (), folder: str = INCOMING) ->
     return files
 
 
+def check_inputs(out: str, answer_uris: Sequence[str], classes: Mapping[int, str] | None, folder: str, how: str) -> None:
+    """Raise ``ValueError`` for an empty output, no, repeated or missing answer files, or empty classes.
+
+    ``how`` tells how to give answer files; ``folder`` is where dropped files are picked up."""
+    if not out:
+        raise ValueError("out is empty; give the output root (a path or URI)")
+    if not answer_uris:
+        raise ValueError(f"no answer files to ingest: {how} under {storage.join(out, folder)}/")
+    repeated = sorted(u for u, n in Counter(answer_uris).items() if n > 1)
+    if repeated:
+        raise ValueError(f"answer files listed more than once: {', '.join(repeated)}; list each file once")
+    missing = [u for u in answer_uris if not storage.exists(u)]
+    if missing:
+        raise ValueError(f"answer files not found: {', '.join(missing)}; check the paths and {storage.join(out, folder)}/")
+    if classes is not None and not classes:
+        raise ValueError("classes is empty; pass None to skip the class check, or the dataset's classes")
+
+
 def known_classes(out: str, class_metadata: str | None = None) -> dict[int, str] | None:
     """class_index -> wnid from a class metadata CSV, else from the build's ``classes.parquet``,
     else None (no class check)."""
@@ -406,26 +424,9 @@ def ingest(
     ``rows`` counts the answer rows read, ``rejected`` the entries of ``rejected.parquet`` (rows and
     whole files).
     """
-    if not out:
-        raise ValueError("out is empty; give the output root (a path or URI)")
     if min_answers < 1:
         raise ValueError(f"min_answers = {min_answers}: must be at least 1 (annotations.min_answers)")
-    if not answer_uris:
-        raise ValueError(
-            "no answer files to ingest: pass --answers FILE, set annotations.answers, "
-            f"or put CSV files under {storage.join(out, INCOMING)}/"
-        )
-    repeated = sorted(u for u, n in Counter(answer_uris).items() if n > 1)
-    if repeated:
-        raise ValueError(f"answer files listed more than once: {', '.join(repeated)}; list each file once")
-    missing = [u for u in answer_uris if not storage.exists(u)]
-    if missing:
-        raise ValueError(
-            f"answer files not found: {', '.join(missing)}; check --answers, annotations.answers "
-            f"and the files under {storage.join(out, INCOMING)}/"
-        )
-    if classes is not None and not classes:
-        raise ValueError("classes is empty; pass None to skip the class check, or the dataset's classes")
+    check_inputs(out, answer_uris, classes, INCOMING, "pass --answers FILE, set annotations.answers, or put CSV files")
     build = None if build_pairs is None else {(int(c), int(j)) for c, j in build_pairs}
 
     ledger = _Ledger()

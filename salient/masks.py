@@ -112,10 +112,8 @@ class MaskRunner:
     device: str | None = None
 
     def __post_init__(self) -> None:
-        self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if self.threads:
-            torch.set_num_threads(self.threads)
-        self.net = models.prepare_for_inference(models.load(self.model.checkpoint, self.model.arch, self.model.format), self.device)
+        m = self.model
+        self.net, self.device = models.load_for_worker(m.checkpoint, m.arch, m.format, self.device, self.threads, need_discovery=True)
 
     def __call__(self, block: MaskBlock) -> dict:
         fs, root = storage.url_to_fs(block.root)

@@ -157,6 +157,21 @@ def prepare_for_inference(model: SalientModel, device: str = "cpu") -> SalientMo
     return model.to(device=device, memory_format=torch.channels_last)
 
 
+def load_for_worker(
+    checkpoint: str, arch: str, format: CheckpointFormat = "auto", device: str | None = None,
+    threads: int | None = None, need_discovery: bool = False,
+) -> tuple[SalientModel, str]:
+    """A worker's model, loaded once: on ``device`` (default: CUDA when there is one), prepared for
+    inference where the arch allows it, with ``threads`` torch threads. Returns (model, device)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if threads:
+        torch.set_num_threads(threads)
+    net = load(checkpoint, arch, format)
+    if need_discovery and not net.supports_discovery:
+        raise ValueError(f"model.arch = {arch!r} has no last conv stage; this stage needs a ResNet-like CNN")
+    return (prepare_for_inference(net, device) if net.supports_discovery else net.to(device)), device
+
+
 def build_arch(arch: str, num_classes: int) -> nn.Module:
     """An untrained network of the named architecture: a Salient arch, a torchvision classifier,
     or ``timm:<name>`` when timm is installed."""

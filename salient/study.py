@@ -278,22 +278,7 @@ def ingest_study(out: str, answer_uris: Sequence[str], classes: Mapping[int, str
     discovery ingest; a worker's second answer to a pair is rejected, the first counts. The
     summary's ``overall_agreement`` is total same / (total same + total different), None without either.
     """
-    if not out:
-        raise ValueError("out is empty; give the output root (a path or URI)")
-    if not answer_uris:
-        raise ValueError(
-            f"no study answer files to ingest: pass them, or put CSV files under {storage.join(out, STUDY_INCOMING)}/"
-        )
-    repeated = sorted(u for u, n in Counter(answer_uris).items() if n > 1)
-    if repeated:
-        raise ValueError(f"answer files listed more than once: {', '.join(repeated)}; list each file once")
-    missing = [u for u in answer_uris if not storage.exists(u)]
-    if missing:
-        raise ValueError(
-            f"answer files not found: {', '.join(missing)}; check the paths and {storage.join(out, STUDY_INCOMING)}/"
-        )
-    if classes is not None and not classes:
-        raise ValueError("classes is empty; pass None to skip the class check, or the dataset's classes")
+    ingest.check_inputs(out, answer_uris, classes, STUDY_INCOMING, "pass study answer files (--answers FILE), or put CSV files")
 
     ledger = ingest._Ledger()
     wnid_of: dict[int, tuple[str, str, int]] = {}
