@@ -247,14 +247,19 @@ class ActivationRunner:
         return stats
 
 
-def shard_tasks(root: str, out: str, weights_sha256: str, model: ModelConfig, preprocess: PreprocessConfig) -> tuple[list[ShardTask], list[dict]]:
-    """The plan's shards split into work still to do and the stats of shards already committed."""
+def _planned(out: str, weights_sha256: str, model: ModelConfig, preprocess: PreprocessConfig) -> Iterator[tuple[planmod.Shard, str, str, dict | None]]:
+    """Every planned shard with its fingerprint, the stage fingerprint, and its stats if committed."""
     stage = stage_fingerprint(weights_sha256, model, preprocess)
-    todo: list[ShardTask] = []
-    done: list[dict] = []
     for shard in planmod.shards_of(planmod.read_plan(out)):
         fp = shard_fingerprint(stage, shard)
-        stats = committed_stats(out, shard.index, fp)
+        yield shard, fp, stage, committed_stats(out, shard.index, fp)
+
+
+def shard_tasks(root: str, out: str, weights_sha256: str, model: ModelConfig, preprocess: PreprocessConfig) -> tuple[list[ShardTask], list[dict]]:
+    """The plan's shards split into work still to do and the stats of shards already committed."""
+    todo: list[ShardTask] = []
+    done: list[dict] = []
+    for shard, fp, stage, stats in _planned(out, weights_sha256, model, preprocess):
         if stats is None:
             todo.append(ShardTask(shard, root, out, fp, stage))
         else:
@@ -267,11 +272,9 @@ def committed_shards(out: str, weights_sha256: str, model: ModelConfig, preproce
 
     Raises ``ValueError`` naming the shards that are missing or were computed from other inputs.
     """
-    stage = stage_fingerprint(weights_sha256, model, preprocess)
     uris, fps, missing = [], [], []
-    for shard in planmod.shards_of(planmod.read_plan(out)):
-        fp = shard_fingerprint(stage, shard)
-        if committed_stats(out, shard.index, fp) is None:
+    for shard, fp, _, stats in _planned(out, weights_sha256, model, preprocess):
+        if stats is None:
             missing.append(f"part-{shard.index:05d}")
         uris.append(table_uri(out, shard.index))
         fps.append(fp)

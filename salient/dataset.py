@@ -90,7 +90,7 @@ class SalientDataset(Dataset):
         self.relpaths = self.masks.images()
         self._pair_labels = self.masks.index.column("label").to_pylist()
         image_labels = self.masks.index.column("image_label").to_pylist()
-        self._image_label = {rel: image_labels[rows[0]] for rel, rows in self.masks._by_image.items()}
+        self._image_label = {rel: image_labels[self.masks.rows_for(rel)[0]] for rel in self.relpaths}
 
     def __len__(self) -> int:
         return len(self.relpaths)
