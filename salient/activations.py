@@ -287,6 +287,15 @@ def committed_shards(out: str, weights_sha256: str, model: ModelConfig, preproce
     return uris, storage.fingerprint(fps)
 
 
+def all_stats(out: str) -> list[dict]:
+    """The stats of every committed shard under ``out`` (whatever their inputs), by shard."""
+    fs, path = storage.url_to_fs(storage.join(out, DIRNAME))
+    if not fs.isdir(path):
+        return []
+    names = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".json") and "/part-" in p)
+    return [storage.read_json(storage.join(out, DIRNAME, storage.basename(p))) for p in names]
+
+
 def summarize(stats: list[dict], out: str) -> dict:
     """Totals over shard stats, and where each shard's failures are listed."""
     stats = sorted(stats, key=lambda s: s["shard"])

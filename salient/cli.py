@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from salient import config as cfgmod
+from salient import storage
 
 # Local-run defaults (design.md §4): no telemetry, Ray kept on loopback with auth off.
 LOCAL_ENV_DEFAULTS = {
@@ -95,6 +96,10 @@ STAGES: dict[str, Stage] = {
             for r in s["summary"]
         ) + f"\n  tables and plots -> {c.output}/evaluation/",
         extra_check=cfgmod.check_eval_models,
+    ),
+    "report": Stage(
+        ("output",), "flows.report:report_flow",
+        lambda s, c: f"report: {storage.normalize_uri(s['report'])}",
     ),
     "simulate": Stage(
         ("dataset", "output"), "flows.annotations:simulate_flow",
@@ -204,7 +209,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_STAGES = ("activations", "aggregate", "discover", "simulate", "ingest", "generalize", "evaluate")
+DEMO_STAGES = ("activations", "aggregate", "discover", "simulate", "ingest", "generalize", "evaluate", "report")
 
 
 def _run_demo_stage(name: str, config_path: str) -> dict:
@@ -226,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         "ingest": "core/spurious labels per pair from answer CSVs in the paper's schema",
         "generalize": "soft masks for the top-K images of every labelled pair (Zarr + Parquet index)",
         "evaluate": "core and spurious accuracy of classifiers under noise on the masks",
+        "report": "report/index.html: pairs, pictures, evaluation and build facts",
     }
     for name, text in helps.items():
         p = sub.add_parser(name, help=text)

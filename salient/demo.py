@@ -99,6 +99,9 @@ def run(
         result["discovery"] = score_discovery(out, size, meta)
     if storage.exists(storage.join(build, masks.INDEX_TABLE)):
         result["generalization"] = print_generalization(out, size, meta)
+    page = storage.join(build, "report", "index.html")
+    if storage.exists(page):
+        print(f"report: {page}")
     return result
 
 
