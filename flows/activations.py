@@ -11,7 +11,7 @@ from tasks.activations import compute_activations, plan_images, summarize_activa
 @flow(name="salient-activations")
 def activations_flow(config: cfgmod.Config) -> dict:
     """Penultimate activations and predictions of every image under ``dataset.root``."""
-    cfgmod.check(config, ["dataset", "model", "output"], need_discovery=True)
+    cfgmod.check_stages(config, ["activations"])
     plan_images(config)
     stats = compute_activations(config)
     return summarize_activations(config, stats)

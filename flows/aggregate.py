@@ -11,5 +11,5 @@ from tasks.aggregate import aggregate_shards
 @flow(name="salient-aggregate")
 def aggregate_flow(config: cfgmod.Config) -> dict:
     """Feature importance, the (class, feature) pairs and the top images, from committed activations."""
-    cfgmod.check(config, ["model", "output"], need_discovery=True)
+    cfgmod.check_stages(config, ["aggregate"])
     return aggregate_shards(config)

@@ -11,12 +11,12 @@ from tasks.annotations import ingest_answers, simulate_answers
 @flow(name="salient-simulate-annotators")
 def simulate_flow(config: cfgmod.Config) -> dict:
     """Simulated workers answer every discovered pair from the world's ground truth."""
-    cfgmod.check(config, ["dataset", "output"])
+    cfgmod.check_stages(config, ["simulate"])
     return simulate_answers(config)
 
 
 @flow(name="salient-ingest")
 def ingest_flow(config: cfgmod.Config, answers: list[str] | None = None) -> dict:
     """Core/spurious labels per pair from the answer files, by the paper's rule."""
-    cfgmod.check(config, ["output"])
+    cfgmod.check_stages(config, ["ingest"])
     return ingest_answers(config, list(answers or []))

@@ -11,5 +11,5 @@ from tasks.discover import discover_pairs
 @flow(name="salient-discover")
 def discover_flow(config: cfgmod.Config) -> dict:
     """Top images, heatmaps and feature attacks per pair, and discover/tasks.csv."""
-    cfgmod.check(config, ["dataset", "model", "output"], need_discovery=True)
+    cfgmod.check_stages(config, ["discover"])
     return discover_pairs(config)

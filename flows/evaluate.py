@@ -11,6 +11,5 @@ from tasks.evaluate import evaluate_models
 @flow(name="salient-evaluate")
 def evaluate_flow(config: cfgmod.Config) -> dict:
     """Noise on core / spurious masks, per pair, per class and on average, for every model and sigma."""
-    cfgmod.check(config, ["dataset", "output"])
-    cfgmod.check_eval_models(config)
+    cfgmod.check_stages(config, ["evaluate"])
     return evaluate_models(config)

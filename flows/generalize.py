@@ -11,5 +11,5 @@ from tasks.generalize import generalize_masks
 @flow(name="salient-generalize")
 def generalize_flow(config: cfgmod.Config) -> dict:
     """Soft masks (the pairs' NAMs) into masks/masks.zarr, described by masks/index.parquet."""
-    cfgmod.check(config, ["dataset", "model", "output"], need_discovery=True)
+    cfgmod.check_stages(config, ["generalize"])
     return generalize_masks(config)

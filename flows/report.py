@@ -11,5 +11,5 @@ from tasks.report import write_report
 @flow(name="salient-report")
 def report_flow(config: cfgmod.Config) -> dict:
     """report/index.html next to its PNGs."""
-    cfgmod.check(config, ["output"])
+    cfgmod.check_stages(config, ["report"])
     return write_report(config)

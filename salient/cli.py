@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 import os
 import sys
@@ -51,62 +50,54 @@ def cmd_validate(args: argparse.Namespace) -> int:
 class Stage:
     """A stage as the CLI runs it: the sections it checks, its flow, and a one-line summary."""
 
-    sections: tuple[str, ...]
     flow: str  # module:function
     describe: Callable[[dict, cfgmod.Config], str]
-    need_discovery: bool = False
-    extra_check: Callable[[cfgmod.Config], None] | None = None
 
 
 STAGES: dict[str, Stage] = {
     "activations": Stage(
-        ("dataset", "model", "output"), "flows.activations:activations_flow",
+        "flows.activations:activations_flow",
         lambda s, c: (
             f"activations: {s['images']} of {s['planned']} images in {s['shards']} shards -> {c.output}/activations "
             f"({s['failed']} failed)" + "".join(f"\n  failures listed in {u}" for u in s["failure_lists"])
         ),
-        need_discovery=True,
     ),
     "aggregate": Stage(
-        ("model", "output"), "flows.aggregate:aggregate_flow",
+        "flows.aggregate:aggregate_flow",
         lambda s, c: (
             f"aggregate: {s['pairs']} pairs over {s['classes']} classes from {s['images']} images (grouping: "
             f"{s['grouping']}, {s['classes_without_images']} classes without images) -> {c.output}"
         ),
-        need_discovery=True,
     ),
     "discover": Stage(
-        ("dataset", "model", "output"), "flows.discover:discover_flow",
+        "flows.discover:discover_flow",
         lambda s, c: f"discover: {s['pairs']} pairs ({s['made']} made, {s['reused']} reused) -> {s['tasks']}",
-        need_discovery=True,
     ),
     "generalize": Stage(
-        ("dataset", "model", "output"), "flows.generalize:generalize_flow",
+        "flows.generalize:generalize_flow",
         lambda s, c: (
             f"generalize: {s['masks']} masks of {s['images']} images in {s['blocks']} Zarr shards "
             f"({s['computed_blocks']} computed) -> {s['index']}"
         ),
-        need_discovery=True,
     ),
     "evaluate": Stage(
-        ("dataset", "output"), "flows.evaluate:evaluate_flow",
+        "flows.evaluate:evaluate_flow",
         lambda s, c: "evaluate: mean over classes (clean / core acc = noise on spurious masks / spurious acc = noise on core masks)\n" + "\n".join(
             f"  {r['model']:<12} sigma {r['sigma']:<5g} clean {_fmt(r['mean_clean_acc'])}  core {_fmt(r['mean_core_acc'])} "
             f"({r['n_classes_core_acc']} classes)  spurious {_fmt(r['mean_spurious_acc'])} ({r['n_classes_spurious_acc']} classes)"
             for r in s["summary"]
         ) + f"\n  tables and plots -> {c.output}/evaluation/",
-        extra_check=cfgmod.check_eval_models,
     ),
     "report": Stage(
-        ("output",), "flows.report:report_flow",
+        "flows.report:report_flow",
         lambda s, c: f"report: {storage.normalize_uri(s['report'])}",
     ),
     "simulate": Stage(
-        ("dataset", "output"), "flows.annotations:simulate_flow",
+        "flows.annotations:simulate_flow",
         lambda s, c: f"simulated annotators: {s['answers']} answers for {s['pairs']} pairs -> {s['uri']}",
     ),
     "ingest": Stage(
-        ("output",), "flows.annotations:ingest_flow",
+        "flows.annotations:ingest_flow",
         lambda s, c: (
             f"ingest: {s['accepted']} answers accepted, {s['rejected']} rejected; {s['pairs']} pairs: {s['spurious']} "
             f"spurious, {s['core']} core, {s['insufficient']} insufficient; {s['classes_with_spurious']} classes with a "
@@ -123,13 +114,36 @@ def _fmt(value: float | None) -> str:
 def run_stage(name: str, cfg: cfgmod.Config, **params: object) -> dict:
     """Check the sections a stage uses, run its flow, print its summary."""
     stage = STAGES[name]
-    cfgmod.check(cfg, stage.sections, need_discovery=stage.need_discovery)
-    if stage.extra_check is not None:
-        stage.extra_check(cfg)
+    cfgmod.check_stages(cfg, [name])
     module, func = stage.flow.split(":")
     summary = getattr(importlib.import_module(module), func)(cfg, **params)
     print(stage.describe(summary, cfg))
     return summary
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.rebuild import default_stages, rebuild_flow
+
+    cfg = _load(args)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else default_stages(cfg)
+    cfgmod.check_stages(cfg, stages)
+    results = rebuild_flow(cfg, stages)
+    for name, summary in results.items():
+        print(STAGES[name].describe(summary, cfg))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flows.rebuild import rebuild_from_file
+
+    cfg = _load(args)
+    cfgmod.check_stages(cfg, ["ingest"])  # the output must be writable; each run checks the rest
+    print(f"serving the rebuild of {args.config} on the schedule {args.cron!r} (Ctrl-C stops)")
+    rebuild_from_file.serve(
+        name=args.name, cron=args.cron,
+        parameters={"config_uri": storage.normalize_uri(args.config), "overrides": args.overrides},
+    )
+    return 0
 
 
 def _stage_command(name: str) -> Callable[[argparse.Namespace], int]:
@@ -204,16 +218,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     demo.run(
         args.out, classes=args.classes, per_class=args.per_class, size=args.size, seed=args.seed,
-        stages=[functools.partial(_run_demo_stage, name) for name in DEMO_STAGES],
+        stages=[_run_demo_rebuild],
     )
     return 0
 
 
-DEMO_STAGES = ("activations", "aggregate", "discover", "simulate", "ingest", "generalize", "evaluate", "report")
-
-
-def _run_demo_stage(name: str, config_path: str) -> dict:
-    return run_stage(name, cfgmod.load(config_path))
+def _run_demo_rebuild(config_path: str) -> int:
+    return cmd_run(argparse.Namespace(config=config_path, overrides=[], stages=None))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,6 +250,17 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "ingest":
             p.add_argument("--answers", action="append", default=[], metavar="URI", help="an answer CSV (repeatable)")
         p.set_defaults(func=_stage_command(name))
+
+    p = sub.add_parser("run", help="the whole rebuild as one Prefect flow (or --stages a,b)")
+    _config_args(p)
+    p.add_argument("--stages", help=f"comma-separated subset of: {', '.join(cfgmod.STAGES)}")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("serve", help="serve the rebuild flow on a cron schedule from this host")
+    _config_args(p)
+    p.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * 0" (Sundays 03:00)')
+    p.add_argument("--name", default="salient-rebuild", help="deployment name")
+    p.set_defaults(func=cmd_serve)
 
     annotate = sub.add_parser("annotate", help="annotation helpers").add_subparsers(dest="annotate_command", required=True)
     p = annotate.add_parser("simulate", help="simulated workers answer every pair from a synthetic world's ground truth")

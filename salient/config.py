@@ -433,3 +433,30 @@ def check(cfg: Config, sections: Iterable[str], need_discovery: bool = False) ->
 def present_sections(cfg: Config) -> list[str]:
     """The checkable sections that this config sets."""
     return [s for s in ("dataset", "model", "output") if getattr(cfg, s) is not None]
+
+
+# What each stage reads: the config sections it checks before any work, and whether it needs a
+# ResNet-like model (a last conv stage and a final linear layer).
+STAGE_REQUIREMENTS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "activations": (("dataset", "model", "output"), True),
+    "aggregate": (("model", "output"), True),
+    "discover": (("dataset", "model", "output"), True),
+    "simulate": (("dataset", "output"), False),
+    "ingest": (("output",), False),
+    "generalize": (("dataset", "model", "output"), True),
+    "evaluate": (("dataset", "output"), False),
+    "report": (("output",), False),
+}
+STAGES = tuple(STAGE_REQUIREMENTS)
+
+
+def check_stages(cfg: Config, stages: Iterable[str]) -> None:
+    """The pre-flight checks of every named stage, run once; raise :class:`ConfigError` listing every failure."""
+    stages = list(stages)
+    unknown = [s for s in stages if s not in STAGE_REQUIREMENTS]
+    if unknown:
+        raise ConfigError([f"stages = {unknown}: unknown; use some of {', '.join(STAGES)}"])
+    sections = sorted({sec for s in stages for sec in STAGE_REQUIREMENTS[s][0]}, key=SECTIONS.index)
+    check(cfg, sections, need_discovery=any(STAGE_REQUIREMENTS[s][1] for s in stages))
+    if "evaluate" in stages:
+        check_eval_models(cfg)

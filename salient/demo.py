@@ -66,7 +66,7 @@ def run(
     per_class: int = 100,
     size: int = 64,
     seed: int = 0,
-    stages: Sequence[Callable[[str], dict]] = (),
+    stages: Sequence[Callable[[str], object]] = (),
 ) -> dict:
     """Build (or reuse) the world and both models, print their accuracy table, write the demo
     config, run each of ``stages`` on it (called with the config's path), and describe the result."""
