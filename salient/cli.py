@@ -134,10 +134,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from prefect.settings import get_current_settings
+
     from flows.rebuild import rebuild_from_file
 
     cfg = _load(args)
     cfgmod.check_stages(cfg, ["ingest"])  # the output must be writable; each run checks the rest
+    if not get_current_settings().api.url:
+        raise ValueError(
+            "schedules need a running Prefect server (the embedded one has no scheduler): start one with "
+            "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api, then run this again"
+        )
     print(f"serving the rebuild of {args.config} on the schedule {args.cron!r} (Ctrl-C stops)")
     rebuild_from_file.serve(
         name=args.name, cron=args.cron,

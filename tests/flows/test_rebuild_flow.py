@@ -55,3 +55,70 @@ def test_run_subset_of_stages(activation_world, ray_session, prefect_server, cap
     assert "activations: 24 of 25 images in 5 shards" in out and "pairs over 3 classes from 24 images" in out
     assert os.path.exists(os.path.join(cfg.output, "pairs.parquet"))
     assert cli.main(["run", path, "--stages", "activations,bogus"]) == 2
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc) -> None:
+    import signal
+    import subprocess
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_serve_needs_a_server_and_serves_on_one(tmp_path):
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    bin_dir = os.path.dirname(sys.executable)
+    cfg_path = tmp_path / "salient.yaml"
+    cfg_path.write_text(f"output: {tmp_path / 'out'}\n")
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    refused = subprocess.run([f"{bin_dir}/salient", "serve", str(cfg_path), "--cron", "0 3 * * 0"], env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "prefect server start" in refused.stderr
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [f"{bin_dir}/prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the Prefect server did not start"
+                time.sleep(1)
+        serve = subprocess.Popen(
+            [f"{bin_dir}/salient", "serve", str(cfg_path), "--cron", "0 3 * * 0"],
+            env={**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )
+        try:
+            seen = []
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                line = serve.stdout.readline()
+                seen.append(line)
+                if "is being served" in line or not line:
+                    break
+            assert any("'salient-rebuild-from-file' is being served" in x for x in seen), "".join(seen)
+        finally:
+            _stop(serve)
+    finally:
+        _stop(server)
