@@ -109,10 +109,10 @@ class ActivationRunner:
     net: models.SalientModel = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.compute.precision == "fp16" and (self.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu":
-            raise ValueError("compute.precision = 'fp16' needs a CUDA device; use fp32 (or bf16) on the CPU")
         m = self.model
         self.net, self.device = models.load_for_worker(m.checkpoint, m.arch, m.format, self.device, self.threads, need_discovery=True)
+        if self.compute.precision == "fp16" and self.device == "cpu":
+            raise ValueError("compute.precision = 'fp16' needs a CUDA device; use fp32 (or bf16) on the CPU")
         self.width = self.net.feature_dim
 
     def _autocast(self):

@@ -83,8 +83,8 @@ STAGES: dict[str, Stage] = {
     "evaluate": Stage(
         "flows.evaluate:evaluate_flow",
         lambda s, c: "evaluate: mean over classes (clean / core acc = noise on spurious masks / spurious acc = noise on core masks)\n" + "\n".join(
-            f"  {r['model']:<12} sigma {r['sigma']:<5g} clean {_fmt(r['mean_clean_acc'])}  core {_fmt(r['mean_core_acc'])} "
-            f"({r['n_classes_core_acc']} classes)  spurious {_fmt(r['mean_spurious_acc'])} ({r['n_classes_spurious_acc']} classes)"
+            f"  {r['model']:<12} sigma {r['sigma']:<5g} clean {_fmt5(r['mean_clean_acc'])}  core {_fmt5(r['mean_core_acc'])} "
+            f"({r['n_classes_core_acc']} classes)  spurious {_fmt5(r['mean_spurious_acc'])} ({r['n_classes_spurious_acc']} classes)"
             for r in s["summary"]
         ) + f"\n  tables and plots -> {c.output}/evaluation/",
     ),
@@ -107,8 +107,10 @@ STAGES: dict[str, Stage] = {
 }
 
 
-def _fmt(value: float | None) -> str:
-    return "  n/a" if value is None else f"{value:.3f}"
+def _fmt5(value: float | None) -> str:
+    from salient.report import fmt
+
+    return f"{fmt(value):>5}"
 
 
 def run_stage(name: str, cfg: cfgmod.Config, **params: object) -> dict:

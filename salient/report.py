@@ -31,7 +31,8 @@ def _e(value: object) -> str:
     return html.escape("" if value is None else str(value))
 
 
-def _fmt(value: float | None) -> str:
+def fmt(value: float | None) -> str:
+    """A fraction with three decimals, or n/a."""
     return "n/a" if value is None else f"{value:.3f}"
 
 
@@ -105,8 +106,8 @@ def write_report(out: str, title: str = "Salient build report") -> str:
         parts.append("<table><tr><th>model</th><th>sigma</th><th>clean</th><th>core acc</th><th>spurious acc</th><th>core drop</th><th>spurious drop</th></tr>")
         for r in summary:
             parts.append(
-                f"<tr><td>{_e(r['model'])}</td><td>{r['sigma']:g}</td><td>{_fmt(r['mean_clean_acc'])}</td><td>{_fmt(r['mean_core_acc'])}</td>"
-                f"<td>{_fmt(r['mean_spurious_acc'])}</td><td>{_fmt(r['mean_core_drop'])}</td><td>{_fmt(r['mean_spurious_drop'])}</td></tr>"
+                f"<tr><td>{_e(r['model'])}</td><td>{r['sigma']:g}</td><td>{fmt(r['mean_clean_acc'])}</td><td>{fmt(r['mean_core_acc'])}</td>"
+                f"<td>{fmt(r['mean_spurious_acc'])}</td><td>{fmt(r['mean_core_drop'])}</td><td>{fmt(r['mean_spurious_drop'])}</td></tr>"
             )
         parts.append("</table>")
         for name in sorted({r["model"] for r in summary}):
