@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from salient import builds
 from salient import config as cfgmod
 from tasks.activations import compute_activations, plan_images, summarize_activations
 
@@ -12,6 +13,7 @@ from tasks.activations import compute_activations, plan_images, summarize_activa
 def activations_flow(config: cfgmod.Config) -> dict:
     """Penultimate activations and predictions of every image under ``dataset.root``."""
     cfgmod.check_stages(config, ["activations"])
-    plan_images(config)
-    stats = compute_activations(config)
-    return summarize_activations(config, stats)
+    layout = builds.open_current(config.output)
+    plan_images(config, layout)
+    stats = compute_activations(config, layout)
+    return summarize_activations(config, layout, stats)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from salient import builds
 from salient import config as cfgmod
 from tasks.aggregate import aggregate_shards
 
@@ -12,4 +13,4 @@ from tasks.aggregate import aggregate_shards
 def aggregate_flow(config: cfgmod.Config) -> dict:
     """Feature importance, the (class, feature) pairs and the top images, from committed activations."""
     cfgmod.check_stages(config, ["aggregate"])
-    return aggregate_shards(config)
+    return aggregate_shards(config, builds.open_current(config.output))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from salient import builds
 from salient import config as cfgmod
 from tasks.discover import discover_pairs
 
@@ -12,4 +13,4 @@ from tasks.discover import discover_pairs
 def discover_flow(config: cfgmod.Config) -> dict:
     """Top images, heatmaps and feature attacks per pair, and discover/tasks.csv."""
     cfgmod.check_stages(config, ["discover"])
-    return discover_pairs(config)
+    return discover_pairs(config, builds.open_current(config.output))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from salient import builds
 from salient import config as cfgmod
 from tasks.evaluate import evaluate_models
 
@@ -12,4 +13,4 @@ from tasks.evaluate import evaluate_models
 def evaluate_flow(config: cfgmod.Config) -> dict:
     """Noise on core / spurious masks, per pair, per class and on average, for every model and sigma."""
     cfgmod.check_stages(config, ["evaluate"])
-    return evaluate_models(config)
+    return evaluate_models(config, builds.open_current(config.output))

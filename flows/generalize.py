@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from salient import builds
 from salient import config as cfgmod
 from tasks.generalize import generalize_masks
 
@@ -12,4 +13,4 @@ from tasks.generalize import generalize_masks
 def generalize_flow(config: cfgmod.Config) -> dict:
     """Soft masks (the pairs' NAMs) into masks/masks.zarr, described by masks/index.parquet."""
     cfgmod.check_stages(config, ["generalize"])
-    return generalize_masks(config)
+    return generalize_masks(config, builds.open_current(config.output))

@@ -1,17 +1,22 @@
 """The rebuild: every stage as one Prefect flow, and the same flow for scheduled deployments.
 
-validate -> plan -> activations -> aggregate -> discover -> simulated annotators (synthetic worlds
-only) -> ingest -> generalize -> evaluate (when models are configured) -> report. Every stage
-reuses what is already committed for the same inputs, so a rebuild with nothing changed
-recomputes nothing.
+validate -> lease -> plan -> activations -> aggregate -> discover -> simulated annotators (synthetic
+worlds only) -> ingest -> generalize -> evaluate (when models are configured) -> report -> manifest
+-> publish. Each run writes one build under ``OUT/builds/<build_id>/`` (an unfinished one is
+resumed), taking every result computed before from the cache, so a rebuild with nothing changed
+recomputes nothing; ``latest`` moves only when the manifest is written.
 """
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+
 from prefect import flow, get_run_logger
 
+from salient import builds, groundtruth, storage
 from salient import config as cfgmod
-from salient import groundtruth
 from tasks.activations import compute_activations, plan_images, summarize_activations
 from tasks.aggregate import aggregate_shards
 from tasks.annotations import ingest_answers, simulate_answers
@@ -19,6 +24,9 @@ from tasks.discover import discover_pairs
 from tasks.evaluate import evaluate_models
 from tasks.generalize import generalize_masks
 from tasks.report import write_report
+
+# How long a rebuild's hold on its output root lasts without renewal (renewed every quarter of it).
+LEASE_TTL_S = 600.0
 
 
 def _has_groundtruth(config: cfgmod.Config) -> bool:
@@ -42,29 +50,108 @@ def default_stages(config: cfgmod.Config) -> list[str]:
     return stages
 
 
-def run_stage(name: str, config: cfgmod.Config) -> dict:
+def run_stage(name: str, config: cfgmod.Config, layout: builds.Layout) -> dict:
     """One stage's Prefect tasks, inside the calling flow."""
     if name == "activations":
-        plan_images(config)
-        return summarize_activations(config, compute_activations(config))
+        plan_images(config, layout)
+        return summarize_activations(config, layout, compute_activations(config, layout))
     return {
         "aggregate": aggregate_shards, "discover": discover_pairs, "simulate": simulate_answers,
-        "ingest": lambda c: ingest_answers(c, []), "generalize": generalize_masks,
+        "ingest": lambda c, lay: ingest_answers(c, lay, []), "generalize": generalize_masks,
         "evaluate": evaluate_models, "report": write_report,
-    }[name](config)
+    }[name](config, layout)
+
+
+class _Heartbeat:
+    """Renews a lease in the background; remembers if it was lost."""
+
+    def __init__(self, lease: builds.Lease) -> None:
+        self.lease, self.lost = lease, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="salient-lease", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.lease.ttl_s / 4):
+            try:
+                self.lease.renew()
+            except builds.LeaseHeld as exc:
+                self.lost = exc
+                return
+            except OSError:
+                continue  # a transient store error: the next beat tries again, well within the expiry
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _facts(config: cfgmod.Config, layout: builds.Layout, results: dict, seconds: dict[str, float]) -> dict:
+    """What the manifest records besides what every manifest has."""
+    counts: dict[str, int] = {}
+    if "activations" in results:
+        a = results["activations"]
+        counts.update(images=a["images"], failed_images=a["failed"], shards=a["shards"])
+    if "aggregate" in results:
+        counts.update(pairs=results["aggregate"]["pairs"], classes=results["aggregate"]["classes"])
+    if "ingest" in results:
+        i = results["ingest"]
+        counts.update(spurious_pairs=i["spurious"], core_pairs=i["core"], pending_pairs=i["insufficient"], answers=i["accepted"])
+    if "generalize" in results:
+        counts.update(masks=results["generalize"]["masks"])
+    fingerprints = {}
+    for rel in storage.list_files(layout.build):
+        if rel.endswith(".parquet") and not rel.startswith(("activations/", "masks/blocks/")):
+            fingerprints[rel] = storage.parquet_metadata(storage.join(layout.build, rel)).get("fingerprint")
+    return {
+        "inputs": {
+            "dataset_root": config.dataset.root if config.dataset else None,
+            "model_checkpoint": config.model.checkpoint if config.model else None,
+            "model_sha256": storage.sha256(config.model.checkpoint) if config.model else None,
+            "config": config.model_dump(mode="json"),
+        },
+        "stages": list(results),
+        "fingerprints": fingerprints,
+        "counts": counts,
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "images_per_second": round(counts["images"] / seconds["activations"], 3) if counts.get("images") and seconds.get("activations") else None,
+    }
 
 
 @flow(name="salient-rebuild")
-def rebuild_flow(config: cfgmod.Config, stages: list[str] | None = None) -> dict:
-    """Build (or bring up to date) the whole dataset; ``stages`` runs a subset, in pipeline order."""
+def rebuild_flow(config: cfgmod.Config, stages: list[str] | None = None, wait_s: float = 0.0) -> dict:
+    """Build (or bring up to date) the whole dataset and publish it; ``stages`` runs a subset on the
+    ``current`` build without publishing. ``wait_s``: how long to wait for another rebuild of the
+    same output to finish."""
+    full = not stages
     selected = [s for s in cfgmod.STAGES if s in (stages or default_stages(config))]
     cfgmod.check_stages(config, stages or selected)
     logger = get_run_logger()
-    results = {}
-    for name in selected:
-        logger.info("stage %s", name)
-        results[name] = run_stage(name, config)
-    return results
+    root = config.output
+    lease = builds.acquire_lease(root, owner=f"salient run ({socket.gethostname()})", ttl_s=LEASE_TTL_S, wait_s=wait_s)
+    try:
+        with _Heartbeat(lease) as beat:
+            layout = builds.start_run(root) if full else builds.open_current(root)
+            logger.info("build %s under %s", layout.build_id, root)
+            results, seconds = {}, {}
+            for name in selected:
+                logger.info("stage %s", name)
+                t0 = time.perf_counter()
+                results[name] = run_stage(name, config, layout)
+                seconds[name] = time.perf_counter() - t0
+            if beat.lost is not None:
+                raise beat.lost
+            if full:
+                manifest = builds.write_manifest(layout, _facts(config, layout, results, seconds))
+                lease.check()
+                builds.publish(root, layout.build_id)
+                logger.info("published build %s (%s)", layout.build_id, manifest["counts"])
+    finally:
+        lease.release()
+    return {"build_id": layout.build_id, "build": layout.build, "published": full, "stages": results}
 
 
 @flow(name="salient-rebuild-from-file")

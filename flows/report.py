@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from salient import builds
 from salient import config as cfgmod
 from tasks.report import write_report
 
@@ -12,4 +13,4 @@ from tasks.report import write_report
 def report_flow(config: cfgmod.Config) -> dict:
     """report/index.html next to its PNGs."""
     cfgmod.check_stages(config, ["report"])
-    return write_report(config)
+    return write_report(config, builds.open_current(config.output))

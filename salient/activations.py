@@ -4,6 +4,10 @@ A shard writes ``activations/part-NNNNN.parquet`` (the table only) and then
 ``activations/part-NNNNN.json`` (its stats and failure list). The JSON is the commit marker: a shard
 is done when its JSON exists and names the shard's fingerprint (model weights, preprocessing, this
 stage's code version, and the shard's files with their sizes).
+
+Shard results are also kept in the output root's cache under a content key (the same inputs,
+without the shard's number or image ids), so a later build with the same files in a shard copies
+the result instead of computing it.
 """
 
 from __future__ import annotations
@@ -21,11 +25,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from salient import images, models, storage
+from salient import builds, images, models, storage
 from salient import plan as planmod
 from salient.config import ComputeConfig, ModelConfig, PreprocessConfig
 
-CODE_VERSION = "activations-1"
+CODE_VERSION = "activations-2"
 DIRNAME = "activations"
 
 
@@ -39,11 +43,20 @@ def stats_uri(out: str, shard: int) -> str:
 
 def stage_fingerprint(weights_sha256: str, model: ModelConfig, preprocess: PreprocessConfig) -> str:
     """What every shard's result depends on besides its own files."""
-    return storage.fingerprint(CODE_VERSION, weights_sha256, model.arch, preprocess.resize, preprocess.crop)
+    return storage.fingerprint(CODE_VERSION, weights_sha256, model.arch, preprocess.resize, preprocess.crop, preprocess.max_pixels)
 
 
 def shard_fingerprint(stage: str, shard: planmod.Shard) -> str:
     return storage.fingerprint(stage, shard.index, shard.relpaths, shard.sizes, shard.image_ids, shard.labels)
+
+
+def content_key(stage: str, shard: planmod.Shard) -> str:
+    """The cache key of a shard's result: what its features depend on (not its number or ids)."""
+    return storage.fingerprint(stage, shard.relpaths, shard.sizes)
+
+
+def _cached_table(cache_root: str, key: str) -> str:
+    return builds.cache(cache_root, DIRNAME, key, "part.parquet")
 
 
 def committed_stats(out: str, shard: int, fingerprint: str) -> dict | None:
@@ -64,6 +77,7 @@ def output_schema(width: int) -> pa.Schema:
             ("label", pa.int32()),
             ("pred", pa.int32()),
             ("features", pa.list_(pa.float16(), width)),
+            ("orientation", pa.int8()),  # EXIF orientation, not applied: 1..8, 1 when absent, 0 when invalid
         ]
     )
 
@@ -85,6 +99,11 @@ class ShardTask:
     out: str
     fingerprint: str
     stage_fingerprint: str
+    cache_root: str | None = None  # the output root whose cache keeps the result
+
+    @property
+    def cache_key(self) -> str:
+        return content_key(self.stage_fingerprint, self.shard)
 
 
 @dataclass
@@ -94,6 +113,7 @@ class _Loaded:
     error: str | None
     read_s: float
     decode_s: float
+    orientation: int = 1
 
 
 @dataclass
@@ -130,7 +150,7 @@ class ActivationRunner:
 
     def _load_all(self, task: ShardTask, pool: ThreadPoolExecutor, threads: int) -> Iterator[_Loaded]:
         fs, root = storage.url_to_fs(task.root)
-        resize, crop = self.preprocess.resize, self.preprocess.crop
+        resize, crop, max_pixels = self.preprocess.resize, self.preprocess.crop, self.preprocess.max_pixels
 
         def load(pos: int) -> _Loaded:
             rel = task.shard.relpaths[pos]
@@ -139,12 +159,14 @@ class ActivationRunner:
                 data = fs.cat_file(f"{root.rstrip('/')}/{storage.safe_relpath(rel)}")
             except FileNotFoundError:
                 return _Loaded(pos, None, "FileNotFoundError: file disappeared after planning", time.perf_counter() - t0, 0.0)
+            except PermissionError as exc:
+                return _Loaded(pos, None, f"{images.describe_error(exc)}; the file cannot be read with these credentials", time.perf_counter() - t0, 0.0)
             t1 = time.perf_counter()
             try:
-                tensor = images.load_image(data, resize, crop)
+                tensor, orientation = images.read_image(data, resize, crop, max_pixels)
             except images.DECODE_ERRORS as exc:
                 return _Loaded(pos, None, images.describe_error(exc), t1 - t0, time.perf_counter() - t1)
-            return _Loaded(pos, tensor, None, t1 - t0, time.perf_counter() - t1)
+            return _Loaded(pos, tensor, None, t1 - t0, time.perf_counter() - t1, orientation)
 
         lookahead = 2 * self.compute.batch_size + 2 * threads
         pending: deque[Future[_Loaded]] = deque()
@@ -169,6 +191,7 @@ class ActivationRunner:
         feats: list[np.ndarray] = []
         preds: list[np.ndarray] = []
         failures: list[dict[str, str]] = []
+        orientations = [1] * len(shard)
         batch: list[torch.Tensor] = []
         batch_pos: list[int] = []
 
@@ -192,6 +215,7 @@ class ActivationRunner:
                 if item.error is not None:
                     failures.append({"relpath": shard.relpaths[item.position], "reason": item.error})
                     continue
+                orientations[item.position] = item.orientation
                 batch.append(item.tensor)
                 batch_pos.append(item.position)
                 if len(batch) == self.compute.batch_size:
@@ -208,10 +232,11 @@ class ActivationRunner:
                 "label": pa.array([shard.labels[i] for i in rows], pa.int32()),
                 "pred": pa.array(np.concatenate(preds) if preds else np.zeros(0, np.int32), pa.int32()),
                 "features": pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1), pa.float16()), self.width),
+                "orientation": pa.array([orientations[i] for i in rows], pa.int8()),
             },
             schema=output_schema(self.width),
         )
-        storage.write_parquet(table_uri(task.out, shard.index), table, task.stage_fingerprint, {"shard": shard.index})
+        storage.write_parquet(table_uri(task.out, shard.index), table, task.stage_fingerprint)
         timings.write += time.perf_counter() - t0
         total = time.perf_counter() - t_start
         stats = {
@@ -243,8 +268,38 @@ class ActivationRunner:
                 "batch_size": self.compute.batch_size,
             },
         }
+        if task.cache_root is not None:
+            storage.copy_file(table_uri(task.out, shard.index), _cached_table(task.cache_root, task.cache_key))
+            builds.commit_entry(task.cache_root, DIRNAME, task.cache_key, stats)
+            stats["cache_entry"] = f"{DIRNAME}/{task.cache_key}"
         storage.write_json(stats_uri(task.out, shard.index), stats)
         return stats
+
+
+def restore(task: ShardTask, cached: dict) -> dict:
+    """Commit ``task``'s shard in its build from the cache entry whose marker is ``cached``; returns its stats.
+
+    The table is copied as it is when its ids and labels are this plan's, else rewritten with them.
+    """
+    shard = task.shard
+    src, dst = _cached_table(str(task.cache_root), task.cache_key), table_uri(task.out, shard.index)
+    keys = storage.read_parquet(src, ["relpath", "image_id", "label"]).to_pydict()
+    ids = dict(zip(shard.relpaths, shard.image_ids))
+    labels = dict(zip(shard.relpaths, shard.labels))
+    if keys["image_id"] == [ids[r] for r in keys["relpath"]] and keys["label"] == [labels[r] for r in keys["relpath"]]:
+        storage.copy_file(src, dst)
+    else:
+        table = storage.read_parquet(src)
+        for name, values, kind in (("image_id", ids, pa.int64()), ("label", labels, pa.int32())):
+            column = pa.array([values[r] for r in keys["relpath"]], kind)
+            table = table.set_column(table.schema.get_field_index(name), name, column)
+        storage.write_parquet(dst, table, task.stage_fingerprint)
+    stats = {
+        **cached, "shard": shard.index, "fingerprint": task.fingerprint,
+        "first_image_id": shard.image_ids[0] if len(shard) else None, "cache_entry": f"{DIRNAME}/{task.cache_key}",
+    }
+    storage.write_json(stats_uri(task.out, shard.index), stats)
+    return stats
 
 
 def _planned(out: str, weights_sha256: str, model: ModelConfig, preprocess: PreprocessConfig) -> Iterator[tuple[planmod.Shard, str, str, dict | None]]:
@@ -255,16 +310,30 @@ def _planned(out: str, weights_sha256: str, model: ModelConfig, preprocess: Prep
         yield shard, fp, stage, committed_stats(out, shard.index, fp)
 
 
-def shard_tasks(root: str, out: str, weights_sha256: str, model: ModelConfig, preprocess: PreprocessConfig) -> tuple[list[ShardTask], list[dict]]:
-    """The plan's shards split into work still to do and the stats of shards already committed."""
+def shard_tasks(
+    root: str, out: str, weights_sha256: str, model: ModelConfig, preprocess: PreprocessConfig, cache_root: str | None = None
+) -> tuple[list[ShardTask], list[dict]]:
+    """The plan's shards split into work still to do and the stats of shards already committed.
+
+    With ``cache_root`` (the output root), a shard found in its cache is committed from there.
+    """
     todo: list[ShardTask] = []
     done: list[dict] = []
     for shard, fp, stage, stats in _planned(out, weights_sha256, model, preprocess):
-        if stats is None:
-            todo.append(ShardTask(shard, root, out, fp, stage))
-        else:
+        task = ShardTask(shard, root, out, fp, stage, cache_root)
+        cached = builds.read_entry(cache_root, DIRNAME, task.cache_key) if cache_root is not None and stats is None else None
+        if stats is not None:
             done.append(stats)
+        elif cached is not None:
+            done.append(restore(task, cached))
+        else:
+            todo.append(task)
     return todo, done
+
+
+def cache_entries(out: str) -> list[str]:
+    """The cache entries the committed shards of the build at ``out`` came from or went to."""
+    return sorted({s["cache_entry"] for s in all_stats(out) if s.get("cache_entry")})
 
 
 def committed_shards(out: str, weights_sha256: str, model: ModelConfig, preprocess: PreprocessConfig) -> tuple[list[str], str]:

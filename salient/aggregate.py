@@ -31,6 +31,7 @@ IMPORTANCE_TABLE = "importance.parquet"
 PAIRS_TABLE = "pairs.parquet"
 TOPK_NEURON_TABLE = "topk/neuron.parquet"
 TOPK_CLASS_TABLE = "topk/class.parquet"
+TABLES = (CLASSES_TABLE, IMPORTANCE_TABLE, PAIRS_TABLE, TOPK_NEURON_TABLE, TOPK_CLASS_TABLE)
 
 T = TypeVar("T")
 MapFn = Callable[[Callable[..., T], Sequence[tuple]], Iterable[T]]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from salient import config as cfgmod
 from salient import storage
+from salient.builds import LeaseHeld
 
 # Local-run defaults (design.md §4): no telemetry, Ray kept on loopback with auth off.
 LOCAL_ENV_DEFAULTS = {
@@ -22,6 +23,7 @@ LOCAL_ENV_DEFAULTS = {
 }
 
 EXIT_CONFIG = 2
+EXIT_BUSY = 3  # another rebuild holds the output root
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -58,7 +60,7 @@ STAGES: dict[str, Stage] = {
     "activations": Stage(
         "flows.activations:activations_flow",
         lambda s, c: (
-            f"activations: {s['images']} of {s['planned']} images in {s['shards']} shards -> {c.output}/activations "
+            f"activations: {s['images']} of {s['planned']} images in {s['shards']} shards -> activations/ "
             f"({s['failed']} failed)" + "".join(f"\n  failures listed in {u}" for u in s["failure_lists"])
         ),
     ),
@@ -66,7 +68,7 @@ STAGES: dict[str, Stage] = {
         "flows.aggregate:aggregate_flow",
         lambda s, c: (
             f"aggregate: {s['pairs']} pairs over {s['classes']} classes from {s['images']} images (grouping: "
-            f"{s['grouping']}, {s['classes_without_images']} classes without images) -> {c.output}"
+            f"{s['grouping']}, {s['classes_without_images']} classes without images)"
         ),
     ),
     "discover": Stage(
@@ -86,7 +88,7 @@ STAGES: dict[str, Stage] = {
             f"  {r['model']:<12} sigma {r['sigma']:<5g} clean {_fmt5(r['mean_clean_acc'])}  core {_fmt5(r['mean_core_acc'])} "
             f"({r['n_classes_core_acc']} classes)  spurious {_fmt5(r['mean_spurious_acc'])} ({r['n_classes_spurious_acc']} classes)"
             for r in s["summary"]
-        ) + f"\n  tables and plots -> {c.output}/evaluation/",
+        ) + "\n  tables and plots -> evaluation/ in the build",
     ),
     "report": Stage(
         "flows.report:report_flow",
@@ -127,11 +129,56 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.rebuild import default_stages, rebuild_flow
 
     cfg = _load(args)
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else default_stages(cfg)
-    cfgmod.check_stages(cfg, stages)
-    results = rebuild_flow(cfg, stages)
-    for name, summary in results.items():
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    cfgmod.check_stages(cfg, stages or default_stages(cfg))
+    result = rebuild_flow(cfg, stages, args.wait)
+    for name, summary in result["stages"].items():
         print(STAGES[name].describe(summary, cfg))
+    state = "published as latest" if result["published"] else "not published (a subset of stages; `salient publish` publishes it)"
+    print(f"build {result['build_id']}: {storage.normalize_uri(result['build'])} ({state})")
+    return 0
+
+
+def cmd_builds(args: argparse.Namespace) -> int:
+    from salient import builds
+
+    rows = builds.list_builds(args.out)
+    if not rows:
+        print(f"no builds under {args.out}")
+        return 0
+    for b in rows:
+        marks = ",".join(m for m in ("latest", "current") if b[m])
+        state = f"complete {b['completed']}" if b["complete"] else "unfinished"
+        counts = " ".join(f"{k}={v}" for k, v in sorted(b["counts"].items()))
+        print(f"{b['build_id']}  {state:<36} {marks:<15} {counts}".rstrip())
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from salient import builds
+
+    s = builds.gc(args.out, args.keep, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    print(
+        f"{verb} {len(s['removed_builds'])} builds ({', '.join(s['removed_builds']) or 'none'}) and "
+        f"{s['removed_cache_entries']} cache entries; kept {', '.join(s['kept_builds']) or 'none'}"
+    )
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from salient import builds
+
+    build_id = args.build or builds.read_pointer(args.out, "current")
+    if build_id is None:
+        raise ValueError(f"{args.out!r} has no current build; give --build ID (see `salient builds {args.out}`)")
+    if not builds.is_complete(args.out, build_id):
+        raise ValueError(
+            f"build {build_id} has no manifest, so it may lack tables; finish it with `salient run CONFIG`, "
+            "which publishes it"
+        )
+    builds.publish(args.out, build_id)
+    print(f"latest -> {build_id}")
     return 0
 
 
@@ -164,35 +211,47 @@ def _stage_command(name: str) -> Callable[[argparse.Namespace], int]:
     return command
 
 
+def cmd_annotate_serve(args: argparse.Namespace) -> int:
+    from salient import app
+
+    cfg = _load(args)
+    cfgmod.check(cfg, ["output"])
+    token = app.token_from_env(args.token)
+    app.serve(app.settings_from_config(cfg, args.build, token), args.host, args.port)
+    return 0
+
+
 def cmd_study_export(args: argparse.Namespace) -> int:
-    from salient import metadata, study
+    from salient import builds, metadata, study
 
     cfg = _load(args)
     cfgmod.check(cfg, ["dataset", "output"])
     meta = metadata.read_class_metadata(cfg.dataset.class_metadata) if cfg.dataset.class_metadata else None
     s = study.export_study(
-        cfg.output, cfg.dataset.root, cfg.preprocess.resize, cfg.preprocess.crop, cfg.discover.images_per_pair, meta, cfg.discover.base_url
+        builds.open_current(cfg.output).build, cfg.dataset.root, cfg.preprocess.resize, cfg.preprocess.crop, cfg.discover.images_per_pair, meta, cfg.discover.base_url
     )
     print(f"study: {s['pairs']} pairs ({s['made']} made, {s['skipped']} skipped) -> {s['tasks']}")
     return 0
 
 
 def cmd_study_ingest(args: argparse.Namespace) -> int:
-    from salient import ingest, study
+    from salient import builds, ingest, study
 
     cfg = _load(args)
     cfgmod.check(cfg, ["output"])
+    out = builds.open_current(cfg.output).build
     files = study.study_answer_files(cfg.output, args.answers)
-    s = study.ingest_study(cfg.output, files, ingest.known_classes(cfg.output, cfg.dataset.class_metadata if cfg.dataset else None))
+    metadata_uri = cfg.dataset.class_metadata if cfg.dataset else None
+    s = study.ingest_study(out, files, ingest.known_classes(out, metadata_uri), cfg.output)
     agreement = "n/a" if s["overall_agreement"] is None else f"{s['overall_agreement']:.1%}"
     print(f"study: {s['answers']} answers ({s['rejected']} rejected) for {s['pairs']} pairs; overall agreement {agreement}")
     return 0
 
 
 def cmd_export_reference(args: argparse.Namespace) -> int:
-    from salient.dataset import export_reference
+    from salient.dataset import build_of, export_reference
 
-    s = export_reference(args.out, args.dest)
+    s = export_reference(build_of(args.out, args.build), args.dest)
     print(
         f"exported {s['masks']} masks of {s['classes']} classes to {s['dest']}"
         + (f" ({s['filed_elsewhere']} images filed under another class: see <wnid>/image_relpaths.csv)" if s["filed_elsewhere"] else "")
@@ -233,7 +292,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _run_demo_rebuild(config_path: str) -> int:
-    return cmd_run(argparse.Namespace(config=config_path, overrides=[], stages=None))
+    return cmd_run(argparse.Namespace(config=config_path, overrides=[], stages=None, wait=0.0))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,8 +321,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="the whole rebuild as one Prefect flow (or --stages a,b)")
     _config_args(p)
-    p.add_argument("--stages", help=f"comma-separated subset of: {', '.join(cfgmod.STAGES)}")
+    p.add_argument("--stages", help=f"comma-separated subset of: {', '.join(cfgmod.STAGES)} (runs them on the current build, without publishing)")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for another rebuild of the same output to finish")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("builds", help="list the builds under an output root")
+    p.add_argument("out", help="output root (the config's `output`)")
+    p.set_defaults(func=cmd_builds)
+
+    p = sub.add_parser("gc", help="remove old builds and the cache entries only they use (answers are kept)")
+    p.add_argument("out", help="output root (the config's `output`)")
+    p.add_argument("--keep", type=int, required=True, metavar="N", help="complete builds to keep (latest and current are always kept)")
+    p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser("publish", help="point `latest` at a complete build (default: the current one)")
+    p.add_argument("out", help="output root (the config's `output`)")
+    p.add_argument("--build", help="build id (default: the current build)")
+    p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("serve", help="serve the rebuild flow on a cron schedule from this host")
     _config_args(p)
@@ -275,6 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = annotate.add_parser("simulate", help="simulated workers answer every pair from a synthetic world's ground truth")
     _config_args(p)
     p.set_defaults(func=_stage_command("simulate"))
+    p = annotate.add_parser("serve", help="a web page where people label the pairs of a build; answers go to OUT/annotations/incoming/")
+    _config_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other needs a token)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--build", metavar="ID", default=None, help="the build whose pairs to label (default: the latest)")
+    p.add_argument("--token", default=None, help="shared token every request must carry (default: $SALIENT_APP_TOKEN)")
+    p.set_defaults(func=cmd_annotate_serve)
 
     study = sub.add_parser("study", help="the paper's generalisation study, for people").add_subparsers(dest="study_command", required=True)
     p = study.add_parser("export", help="per pair: top-5 images and heatmaps against the last 5 kept, and study/tasks.csv")
@@ -287,8 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="export a build for other tools").add_subparsers(dest="export_command", required=True)
     p = export.add_parser("reference", help="the original release's layout: <wnid>/image_names_map.csv, <wnid>/feature_<j>/<stem>.png")
-    p.add_argument("out", help="build output (the config's `output`)")
+    p.add_argument("out", help="output root (the config's `output`)")
     p.add_argument("dest", help="destination folder or URI")
+    p.add_argument("--build", help="build id (default: the latest published build)")
     p.set_defaults(func=cmd_export_reference)
 
     p = sub.add_parser("synth", help="write the demo world: an ImageFolder dataset with ground-truth masks")
@@ -325,6 +408,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
+    except LeaseHeld as exc:
+        print(f"salient: busy: {exc}", file=sys.stderr)
+        return EXIT_BUSY
     except cfgmod.ConfigError as exc:
         for line in exc.lines:
             print(f"salient: config error: {line}", file=sys.stderr)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -17,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from salient import storage
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+# PIL's own decompression-bomb limit (2 * PIL.Image.MAX_IMAGE_PIXELS): the most pixels an image may
+# have, stored or after resizing; preprocess.max_pixels can only lower it.
+MAX_PIXELS = 178_956_970
 
 # Keys holding local paths or URIs; relative local paths in a file are taken relative to that file.
 PATH_KEYS = (
@@ -31,6 +35,14 @@ PATH_KEYS = (
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_true_false(cls, value: Any) -> Any:
+        # YAML reads yes/no/on/off/true/false as booleans, which pydantic would take as 1 and 0.
+        if isinstance(value, bool) or (isinstance(value, list) and any(isinstance(v, bool) for v in value)):
+            raise ValueError("a true/false value (YAML reads yes, no, on, off, true and false as one); give a number or a text")
+        return value
 
 
 class DatasetConfig(_Section):
@@ -56,6 +68,10 @@ class PreprocessConfig(_Section):
 
     resize: int = Field(256, gt=0)
     crop: int = Field(224, gt=0)
+    max_pixels: int = Field(
+        MAX_PIXELS, gt=0, le=MAX_PIXELS,
+        description="images with more pixels, as stored or once resized, are refused before decoding and listed as failures",
+    )
 
     @model_validator(mode="after")
     def _crop_fits(self) -> PreprocessConfig:
@@ -74,7 +90,26 @@ class ComputeConfig(_Section):
     shard_size: int = Field(5000, gt=0, description="images per shard")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     decode_threads: int | None = Field(None, gt=0, description="image decoding threads per worker; default: its CPUs")
-    ray_address: str | None = Field(None, description="existing Ray cluster (ray://host:port or auto); default: a private local Ray")
+    ray_address: str | None = Field(None, description="existing Ray cluster (host:port, ray://host:port or auto); default: a private local Ray")
+    ray_connect_timeout_s: float = Field(30.0, gt=0, description="how long to wait for ray_address to accept a connection")
+
+    @field_validator("ray_address")
+    @classmethod
+    def _ray_address_form(cls, value: str | None) -> str | None:
+        if value is None or value in ("auto", "local"):
+            return value
+        ray_client = value.startswith("ray://")
+        hint = "use host:port (the head's GCS port, e.g. 10.0.0.5:6379), ray://host:port (Ray Client) or auto"
+        if "://" in value and not ray_client:
+            raise ValueError(f"unsupported scheme; {hint}")
+        try:
+            parts = urlsplit(value if ray_client else f"//{value}")
+            port = parts.port
+        except ValueError:
+            raise ValueError(f"not a valid host:port; {hint}") from None
+        if not parts.hostname or parts.path or parts.query or parts.fragment or (port is None and not ray_client):
+            raise ValueError(f"not a valid host:port; {hint}")
+        return value
 
 
 class AggregateConfig(_Section):
@@ -115,10 +150,21 @@ class GeneralizeConfig(_Section):
 class EvalModelConfig(_Section):
     """A classifier to measure: any torchvision classifier, a Salient arch, or timm:<name>."""
 
-    name: str = Field(description="the model's name in the tables")
+    name: str = Field(description="the model's name in the tables, also the name of its chart file")
     checkpoint: str
     arch: str = "resnet50"
     format: Literal["robustness", "torchvision", "auto"] = "auto"
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_file_name(cls, value: str) -> str:
+        # Stricter than storage.safe_relpath, which the chart file name must pass.
+        if not value or value.strip() != value or value.startswith((".", "~")) or any(c in value for c in "/\\:\x00"):
+            raise ValueError(
+                "must be usable as a file name: not empty, no '/', '\\' or ':', no leading '.' or '~', "
+                "no surrounding spaces; e.g. resnet50_l2_eps3"
+            )
+        return value
 
 
 class EvaluateConfig(_Section):
@@ -198,7 +244,7 @@ def _format_errors(exc: ValidationError, raw: dict[str, Any]) -> list[str]:
         loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
         key = _loc(loc) or "config"
         if err["type"] == "extra_forbidden":
-            known = _known_keys(loc[0] if len(loc) > 1 else None)
+            known = _known_keys(loc)
             lines.append(f"{key} = {_value_at(raw, loc)!r}: unknown key; known keys here: {', '.join(known)}")
         elif err["type"] == "missing":
             lines.append(f"{key}: missing; set it in the config file or with --set {key}=...")
@@ -208,14 +254,20 @@ def _format_errors(exc: ValidationError, raw: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _known_keys(section: Any) -> list[str]:
-    if section is None:
-        return list(Config.model_fields)
-    annotation = Config.model_fields[section].annotation
-    for cls in getattr(annotation, "__args__", (annotation,)):
-        if isinstance(cls, type) and issubclass(cls, BaseModel):
-            return list(cls.model_fields)
-    return []
+def _known_keys(loc: Sequence[Any]) -> list[str]:
+    """The keys allowed beside the last part of ``loc`` (list positions in it are stepped over)."""
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        nested = None if field is None else next(
+            (c for c in (field.annotation, *get_args(field.annotation)) if isinstance(c, type) and issubclass(c, BaseModel)), None
+        )
+        if nested is None:
+            return []
+        model = nested
+    return list(model.model_fields)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

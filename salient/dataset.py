@@ -12,14 +12,26 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from salient import images, nam, storage
+from salient import builds, images, nam, storage
 from salient.masks import INDEX_TABLE, open_array
 
 
-class SalientMasks:
-    """The masks of a build output ``out``: ``masks/index.parquet`` and ``masks/masks.zarr``."""
+def build_of(out: str, build_id: str | None = None) -> str:
+    """The build directory to read: ``out`` itself when it is one, else the build ``build_id`` of the
+    output root ``out`` (default: its ``latest`` published build)."""
+    if build_id is None and not storage.exists(storage.join(out, "latest")) and storage.exists(storage.join(out, INDEX_TABLE)):
+        return out
+    return builds.resolve(out, build_id)
 
-    def __init__(self, out: str) -> None:
+
+class SalientMasks:
+    """The masks of a build: ``masks/index.parquet`` and ``masks/masks.zarr``.
+
+    ``out`` is an output root (its ``latest`` build is read, or ``build_id``) or a build directory.
+    """
+
+    def __init__(self, out: str, build_id: str | None = None) -> None:
+        out = build_of(out, build_id)
         self.out = out
         uri = storage.join(out, INDEX_TABLE)
         if not storage.exists(uri):
@@ -83,8 +95,8 @@ class SalientDataset(Dataset):
     ``(image [3, H, W] in [0, 1], core [H, W], spurious [H, W], label)``.
     """
 
-    def __init__(self, out: str, root: str, resize: int, crop: int) -> None:
-        self.masks = SalientMasks(out)
+    def __init__(self, out: str, root: str, resize: int, crop: int, build_id: str | None = None) -> None:
+        self.masks = SalientMasks(out, build_id)
         self.root = root
         self.resize, self.crop = resize, crop
         self.relpaths = self.masks.images()

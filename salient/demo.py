@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import pyarrow as pa
 import yaml
 
-from salient import aggregate, groundtruth, masks, models, simulate, storage, train, world
+from salient import aggregate, builds, groundtruth, masks, models, simulate, storage, train, world
 
 MODELS = (("biased", False), ("debiased", True))
 
@@ -90,26 +90,29 @@ def run(
     config_path = storage.join(out, "salient.yaml")
     storage.write_bytes_atomic(config_path, yaml.safe_dump(demo_config(out, size), sort_keys=False).encode())
     result: dict = {"accuracy": table, "config": config_path, "stages": [stage(config_path) for stage in stages]}
-    build = storage.join(out, "build")
+    root = storage.join(out, "build")
+    if builds.read_pointer(root, "latest") is None:
+        return result
+    build = builds.resolve(root)
     pairs_uri = storage.join(build, aggregate.PAIRS_TABLE)
     if storage.exists(pairs_uri):
         print_top_features(storage.read_parquet(pairs_uri), meta)
     labels_uri = storage.join(build, "annotations", "labels.parquet")
     if storage.exists(labels_uri):
-        result["discovery"] = score_discovery(out, size, meta)
+        result["discovery"] = score_discovery(out, build, size, meta)
     if storage.exists(storage.join(build, masks.INDEX_TABLE)):
-        result["generalization"] = print_generalization(out, size, meta)
+        result["generalization"] = print_generalization(out, build, size, meta)
     page = storage.join(build, "report", "index.html")
     if storage.exists(page):
         print(f"report: {page}")
     return result
 
 
-def print_generalization(out: str, size: int, world_meta: dict) -> float:
+def print_generalization(out: str, build: str, size: int, world_meta: dict) -> float:
     """The paper's Section 3.4 check with the world's truth: does a worker give the same answer on
     ranks 1-5 as on the last 5 ranks kept? Prints per pair and returns the agreement rate."""
     checks = simulate.generalization_check(
-        storage.join(out, "build"), storage.join(out, "world", groundtruth.TABLE), "train", size
+        build, storage.join(out, "world", groundtruth.TABLE), "train", size
     )
     design = {d["class_index"]: d for d in world_meta["classes"]}
     print("class  shape       feature  label      ranks 1-5 (object share)     last ranks kept (object share)")
@@ -126,10 +129,9 @@ def print_generalization(out: str, size: int, world_meta: dict) -> float:
     return rate
 
 
-def score_discovery(out: str, size: int, world_meta: dict) -> dict:
-    """Labels from the (simulated) annotators against the truth of every pair, and discovery per class
-    against the world's design; printed, and returned as figures."""
-    build = storage.join(out, "build")
+def score_discovery(out: str, build: str, size: int, world_meta: dict) -> dict:
+    """Labels from the (simulated) annotators in the build directory ``build`` against the truth of
+    every pair, and discovery per class against the world's design; printed, and returned as figures."""
     labels = [r for r in storage.read_parquet(storage.join(build, "annotations", "labels.parquet")).to_pylist() if r["in_build"]]
     model = models.load(storage.join(out, "models", "biased.pt"), "tiny_resnet")
     root = storage.join(out, "world", "train")

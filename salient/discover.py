@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import torch
 from PIL import Image
 
-from salient import attack, images, models, nam, storage
+from salient import attack, builds, images, models, nam, storage
 from salient.aggregate import PAIRS_TABLE, TOPK_CLASS_TABLE
 from salient.config import DiscoverConfig, ModelConfig, PreprocessConfig
 from salient.metadata import ClassInfo
@@ -60,9 +60,11 @@ class ClassWork:
 
 
 def plan_work(
-    out: str, root: str, weights_sha256: str, model: ModelConfig, preprocess: PreprocessConfig, cfg: DiscoverConfig
+    out: str, root: str, weights_sha256: str, model: ModelConfig, preprocess: PreprocessConfig, cfg: DiscoverConfig,
+    cache_root: str | None = None,
 ) -> tuple[list[ClassWork], list[dict]]:
-    """Classes with pairs to (re)make, and the asset records of pairs already made from the same inputs."""
+    """Classes with pairs to (re)make, and the asset records of pairs already made from the same
+    inputs, in this build or (with ``cache_root``, the output root) in its cache."""
     pairs = storage.read_parquet(storage.join(out, PAIRS_TABLE)).to_pylist()
     topk = storage.read_parquet(storage.join(out, TOPK_CLASS_TABLE))
     topk = topk.filter(pc.less_equal(topk.column("rank"), cfg.images_per_pair)).sort_by(
@@ -82,6 +84,9 @@ def plan_work(
         fp = storage.fingerprint(*base, key, ids, rels)
         record_uri = storage.join(pair_dir(out, p["wnid"], p["feature_index"]), "assets.json")
         record = storage.read_json(record_uri) if storage.exists(record_uri) else None
+        if (record is None or record.get("fingerprint") != fp) and cache_root is not None:
+            if builds.restore_entry(cache_root, DIRNAME, fp, pair_dir(out, p["wnid"], p["feature_index"])):
+                record = storage.read_json(record_uri)
         if record is not None and record.get("fingerprint") == fp:
             done.append(record)
             continue
@@ -172,9 +177,18 @@ class DiscoverRunner:
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
+def cache_pair(cache_root: str, out: str, record: dict) -> str:
+    """Keep a made pair's assets in the output root's cache; returns the cache entry."""
+    folder = pair_dir(out, record["wnid"], record["feature_index"])
+    files = [storage.basename(f) for f in record["files"].values()] + ["assets.json"]
+    return builds.save_entry(cache_root, DIRNAME, record["fingerprint"], folder, files)
+
+
 def csv_safe(value: object) -> object:
-    """A cell that spreadsheet programs will not run as a formula."""
-    return f"'{value}" if isinstance(value, str) and value.startswith(_FORMULA_START) else value
+    """A cell that spreadsheet programs will not run as a formula: text starting with = + - @, a
+    tab or a carriage return, also after leading spaces or line breaks (which some programs trim),
+    gets a leading ``'``."""
+    return f"'{value}" if isinstance(value, str) and value.lstrip(" \n").startswith(_FORMULA_START) else value
 
 
 def write_tasks(out: str, records: Sequence[dict], metadata: Sequence[ClassInfo] | None, base_url: str | None) -> str:

@@ -29,7 +29,6 @@ DIRNAME = "evaluation"
 PAIRS_TABLE = "evaluation/pairs.parquet"
 CLASSES_TABLE = "evaluation/classes.parquet"
 SUMMARY_TABLE = "evaluation/summary.parquet"
-CACHE = "evaluation/cache"
 CLEAN = "clean"
 
 
@@ -179,10 +178,6 @@ class EvalRunner:
 
 def cache_key(entry: EvalModelConfig, weights_sha256: str, sigma: float, trials: int, seed: int, index_fp: str, preprocess: PreprocessConfig) -> str:
     return storage.fingerprint(CODE_VERSION, entry.arch, entry.format, weights_sha256, sigma, trials, seed, index_fp, preprocess.resize, preprocess.crop)
-
-
-def cache_uri(out: str, name: str, key: str) -> str:
-    return storage.join(out, CACHE, f"{storage.safe_relpath(name)}-{key}.parquet")
 
 
 # ---- tables ------------------------------------------------------------------------------------

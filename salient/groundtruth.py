@@ -133,7 +133,7 @@ def pair_truth(
         kinds = [truths[r].cue_kind for r in rels if truths[r].cue_kind != "none"]
         for start in range(0, len(rels), batch_size):
             chunk = rels[start : start + batch_size]
-            x = torch.stack([images.load_image(fs.cat_file(f"{base.rstrip('/')}/{r}"), resize, crop) for r in chunk])
+            x = torch.stack([images.load_image(fs.cat_file(f"{base.rstrip('/')}/{storage.safe_relpath(r)}"), resize, crop) for r in chunk])
             with torch.inference_mode():
                 maps = model(x).maps
             radius = cell_radius(crop, maps.shape[-1])

@@ -1,7 +1,9 @@
 """Decoding and preprocessing, with PIL semantics (design.md §2).
 
 ``Resize(resize)`` on the shorter side (bilinear, antialiased as PIL does) -> ``CenterCrop(crop)``
--> ``[0, 1]`` RGB float tensor. EXIF orientation is not applied: images are used as stored.
+-> ``[0, 1]`` RGB float tensor. EXIF orientation is not applied: images are used as stored, and
+the orientation tag is reported beside the pixels. An image with more pixels than ``max_pixels``,
+as stored or once resized, is refused from its header, before any pixel is decoded.
 """
 
 from __future__ import annotations
@@ -14,8 +16,16 @@ import torchvision.transforms.functional as TF
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 
+from salient.config import MAX_PIXELS
+
 # Exceptions that mean "this file is not a usable image"; anything else is a bug and propagates.
 DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+EXIF_ORIENTATION = 0x0112
+
+
+class TooManyPixels(ValueError):
+    """An image refused before decoding: too many pixels as stored or once resized."""
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -28,14 +38,53 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def decode(data: bytes) -> Image.Image:
-    """Decode image bytes (any format PIL reads, whatever the file name says) to RGB.
+def orientation(img: Image.Image) -> int:
+    """The EXIF Orientation tag of ``img``: 1..8 as stored, 1 when absent, 0 when unreadable or
+    not one of 1..8."""
+    try:
+        value = img.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 -- a corrupt EXIF block is odd metadata, not an unusable image
+        return 0
+    return value if type(value) is int and 1 <= value <= 8 else 0
 
-    Raises one of :data:`DECODE_ERRORS` for empty, truncated or undecodable data.
-    """
+
+def resized_size(width: int, height: int, resize: int) -> tuple[int, int]:
+    """(width, height) after ``Resize(resize)`` on the shorter side, as torchvision computes it."""
+    short, long = min(width, height), max(width, height)
+    new_long = int(resize * long / short)
+    return (resize, new_long) if width <= height else (new_long, resize)
+
+
+def _open(data: bytes, max_pixels: int, resize: int | None) -> Image.Image:
+    """The image with only its header read, refused if it has, or would have once resized, more than
+    ``max_pixels`` pixels."""
     if not data:
         raise ValueError("empty file (0 bytes)")
-    with Image.open(io.BytesIO(data)) as img:
+    limit = f"preprocess.max_pixels = {max_pixels:,}"
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise TooManyPixels(f"{str(exc).rstrip('.')}; refused before decoding ({limit})") from None
+    width, height = img.size
+    problem = None
+    if width * height > max_pixels:
+        problem = f"{width}x{height} = {width * height:,} pixels, over {limit}"
+    elif resize is not None:
+        w, h = resized_size(width, height, resize)
+        if w * h > max_pixels:
+            problem = f"{width}x{height} would be {w}x{h} = {w * h:,} pixels once resized to {resize} on its shorter side, over {limit}"
+    if problem is not None:
+        img.close()
+        raise TooManyPixels(f"{problem}; refused before decoding (the limit can be raised up to {MAX_PIXELS:,})")
+    return img
+
+
+def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode image bytes (any format PIL reads, whatever the file name says) to RGB.
+
+    Raises one of :data:`DECODE_ERRORS` for empty, truncated, undecodable or oversized data.
+    """
+    with _open(data, max_pixels, None) as img:
         img.load()
         return to_rgb(img)
 
@@ -47,9 +96,17 @@ def preprocess(img: Image.Image, resize: int, crop: int) -> torch.Tensor:
     return TF.pil_to_tensor(img).float().div_(255.0)
 
 
-def load_image(data: bytes, resize: int, crop: int) -> torch.Tensor:
-    """Decode and preprocess image bytes."""
-    return preprocess(decode(data), resize, crop)
+def read_image(data: bytes, resize: int, crop: int, max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, int]:
+    """Decode and preprocess image bytes, as stored; returns the tensor and the EXIF orientation
+    (see :func:`orientation`). Raises one of :data:`DECODE_ERRORS` for an unusable image."""
+    with _open(data, max_pixels, resize) as img:
+        img.load()
+        return preprocess(to_rgb(img), resize, crop), orientation(img)
+
+
+def load_image(data: bytes, resize: int, crop: int, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """Decode and preprocess image bytes, as stored."""
+    return read_image(data, resize, crop, max_pixels)[0]
 
 
 def describe_error(exc: BaseException) -> str:

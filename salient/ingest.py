@@ -8,6 +8,7 @@ a pair is spurious iff at least 3 of its answers are ``separate_object`` or ``ba
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import hashlib
@@ -224,21 +225,56 @@ def _field_limit(limit: int) -> Iterator[None]:
 
 
 def _records(text: str) -> Iterator[tuple[int, list[str] | None]]:
-    """(first line, cells) of each CSV record; cells None for a record with an oversized field."""
+    """(first line, cells) of each CSV record; cells None for a record with a field longer than
+    :data:`MAX_FIELD_CHARS`. Run under a field limit above ``len(text)``: an oversized field is read
+    whole, so what follows it is read as the records it is, never as text cut out of that field."""
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     previous = 0
     while True:
         try:
-            row: list[str] | None = next(reader)
+            row = next(reader)
         except StopIteration:
             return
         except csv.Error as exc:
-            if "field larger than field limit" not in str(exc):
-                raise _Rejected("unreadable_file", f"not valid CSV at line {reader.line_num}: {exc}") from None
-            row = None
+            raise _Rejected("unreadable_file", f"not valid CSV at line {reader.line_num}: {exc}") from None
         start, previous = previous + 1, reader.line_num
-        if row is None or any(cell.strip() for cell in row):
+        if any(len(cell) > MAX_FIELD_CHARS for cell in row):
+            yield start, None
+        elif any(cell.strip() for cell in row):
             yield start, row
+
+
+# UTF-32 first: its little-endian mark begins with UTF-16's.
+_WIDE_BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"),
+)
+
+
+def _line_of(data: bytes, offset: int) -> int:
+    return data.count(b"\n", 0, offset) + 1
+
+
+def _decode(data: bytes) -> str:
+    """The text of a UTF-8 file (a UTF-8 byte-order mark is dropped); ``_Rejected`` for any other encoding."""
+    for bom, name in _WIDE_BOMS:
+        if data.startswith(bom):
+            raise _Rejected("unreadable_file", f"the file is {name} (it starts with a {name} byte-order mark); save it as UTF-8 CSV")
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise _Rejected(
+            "unreadable_file",
+            f"byte {nul} (line {_line_of(data, nul)}) is a NUL byte: the file is binary, or UTF-16 "
+            "without a byte-order mark; save it as UTF-8 CSV",
+        )
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise _Rejected(
+            "unreadable_file",
+            f"byte {exc.start} (line {_line_of(data, exc.start)}) is not UTF-8 (the file may be Latin-1, "
+            "Windows-1252 or binary); save it as UTF-8 CSV",
+        ) from None
 
 
 def _parse_id(column: str, text: str, minimum: int = 0) -> int:
@@ -332,12 +368,8 @@ def read_answer_file(
     expected header named in messages. A file that cannot be read is one rejected row."""
     validate = validate or _validate
     try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        ledger.reject(uri, 0, "unreadable_file", f"byte {exc.start} is not UTF-8; save the file as UTF-8 CSV")
-        return
-    try:
-        with _field_limit(MAX_FIELD_CHARS):
+        text = _decode(data)
+        with _field_limit(len(text) + 1):
             records = list(_records(text))
     except _Rejected as exc:
         ledger.reject(uri, 0, exc.kind, f"{exc.reason}; no row of this file was used")
@@ -345,7 +377,8 @@ def read_answer_file(
     expected = ", ".join(columns)
     header_line, header_cells = records[0] if records else (1, None)
     if header_cells is None:
-        ledger.reject(uri, header_line, "missing_columns", f"no readable header row; expected the columns {expected}")
+        why = f"the header row has a field longer than {MAX_FIELD_CHARS:,} characters" if records else "the file is empty"
+        ledger.reject(uri, header_line, "missing_columns", f"{why}; expected a header row with the columns {expected}")
         return
     header = [h.strip() for h in header_cells]
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
@@ -359,7 +392,7 @@ def read_answer_file(
     for line, row in records[1:]:
         ledger.rows += 1
         if row is None:
-            ledger.reject(uri, line, "field_too_large", f"a field is longer than {MAX_FIELD_CHARS} characters")
+            ledger.reject(uri, line, "field_too_large", f"a field is longer than {MAX_FIELD_CHARS:,} characters; the row was not used")
             continue
         cells = {name: row[i].strip() if i < len(row) else "" for name, i in position.items()}
         try:
@@ -414,9 +447,13 @@ def ingest(
     classes: Mapping[int, str] | None = None,
     build_pairs: Collection[tuple[int, int]] | None = None,
     min_answers: int = 5,
+    answers_root: str | None = None,
 ) -> dict:
     """Validate every answer in ``answer_uris``, label every pair, and write ``answers.parquet``,
     ``labels.parquet`` and ``rejected.parquet`` under ``<out>/annotations/``; returns a summary.
+
+    ``answers_root`` is the output root whose ``annotations/incoming/`` holds dropped answer files
+    (default ``out``); it is named in errors.
 
     ``classes`` maps class_index to wnid (None: no class check). ``build_pairs`` are the
     (class_index, feature_index) pairs of the build (None: no build); pairs of the build without
@@ -426,7 +463,7 @@ def ingest(
     """
     if min_answers < 1:
         raise ValueError(f"min_answers = {min_answers}: must be at least 1 (annotations.min_answers)")
-    check_inputs(out, answer_uris, classes, INCOMING, "pass --answers FILE, set annotations.answers, or put CSV files")
+    check_inputs(answers_root or out, answer_uris, classes, INCOMING, "pass --answers FILE, set annotations.answers, or put CSV files")
     build = None if build_pairs is None else {(int(c), int(j)) for c, j in build_pairs}
 
     ledger = _Ledger()

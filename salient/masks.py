@@ -158,15 +158,20 @@ def stage_fingerprint(weights_sha256: str, model: ModelConfig, preprocess: Prepr
     return storage.fingerprint(CODE_VERSION, weights_sha256, model.arch, preprocess.resize, preprocess.crop, cfg.masks_per_shard)
 
 
+def index_fingerprint(stage_fp: str, rows: pa.Table) -> str:
+    """What the mask store and its index for ``rows`` depend on: the stage and every column of every row."""
+    return storage.fingerprint(stage_fp, rows.select(list(INDEX_COLUMNS)).to_pydict())
+
+
 def prepare(out: str, root: str, rows: pa.Table, crop: int, cfg: GeneralizeConfig, stage_fp: str) -> tuple[list[MaskBlock], int, str]:
     """Create (or keep) the mask array for ``rows``; returns the blocks still to compute, the number
     of blocks, and the index fingerprint."""
     n = rows.num_rows
-    index_fp = storage.fingerprint(stage_fp, rows.column("relpath").to_pylist(), rows.column("feature_index").to_pylist())
+    store_fp = storage.fingerprint(stage_fp, rows.column("relpath").to_pylist(), rows.column("feature_index").to_pylist())
     blocks = plan_blocks(rows, root, out, cfg.masks_per_shard, stage_fp)
     try:
         arr = open_array(out, mode="r")
-        keep = arr.attrs.get("salient.fingerprint") == index_fp and arr.shape == (n, crop, crop)
+        keep = arr.attrs.get("salient.fingerprint") == store_fp and arr.shape == (n, crop, crop)
     except (FileNotFoundError, zarr.errors.NodeTypeValidationError, KeyError, ValueError):
         keep = False
     if not keep:
@@ -176,9 +181,9 @@ def prepare(out: str, root: str, rows: pa.Table, crop: int, cfg: GeneralizeConfi
             store=_store(storage.join(out, ZARR_PATH), read_only=False),
             shape=(max(n, 0), crop, crop), chunks=(1, crop, crop), shards=(cfg.masks_per_shard, crop, crop),
             dtype="uint8", fill_value=0, compressors=ZstdCodec(level=3), overwrite=True,
-            attributes={"salient.fingerprint": index_fp, "salient.schema_version": storage.SCHEMA_VERSION},
+            attributes={"salient.fingerprint": store_fp, "salient.schema_version": storage.SCHEMA_VERSION},
         )
-    return [b for b in blocks if not committed(b)], len(blocks), index_fp
+    return [b for b in blocks if not committed(b)], len(blocks), index_fingerprint(stage_fp, rows)
 
 
 def write_index(out: str, rows: pa.Table, n_blocks: int, index_fp: str) -> None:

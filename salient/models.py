@@ -209,24 +209,47 @@ def known_arch(arch: str) -> bool:
     return arch in tvm.list_models(module=tvm)
 
 
+RESAVE_HINT = "re-save the weights with torch.save(model.state_dict(), path)"
+
+
+def _not_a_checkpoint(data: bytes) -> str | None:
+    """Why ``data`` cannot be a PyTorch checkpoint, when that shows without unpickling anything."""
+    if not data:
+        return "is not a readable PyTorch file: it is empty (0 bytes); copy it again"
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        return None  # the legacy (pre-1.6) format, or a damaged file: torch.load tells which
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        names = archive.namelist()
+    if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+        return f"is not a readable PyTorch file: it is a TorchScript archive (torch.jit.save), which runs code when loaded; {RESAVE_HINT}"
+    if not any(n.endswith("/data.pkl") for n in names):
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        return f"is not a readable PyTorch file: it is a zip archive of something else ({shown or 'no files'}); point at a file written by torch.save"
+    return None
+
+
 def read_checkpoint(checkpoint: str) -> Mapping[str, object]:
     """The checkpoint's top-level object, loaded with ``weights_only=True`` from any fsspec URI."""
     try:
         data = storage.read_bytes(checkpoint)
     except FileNotFoundError as exc:
         raise CheckpointError(f"checkpoint {checkpoint!r} does not exist") from exc
+    problem = _not_a_checkpoint(data)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {checkpoint!r} {problem}")
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
             f"checkpoint {checkpoint!r} holds pickled objects other than tensors and was refused "
-            f"({first[:200]}); re-save it as a plain state dict: torch.save(model.state_dict(), path)"
+            f"({first[:200]}); nothing in it was run; {RESAVE_HINT}"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise CheckpointError(
             f"checkpoint {checkpoint!r} is not a readable PyTorch file ({type(exc).__name__}: "
-            f"{str(exc)[:160]}); it may be truncated or another kind of file"
+            f"{str(exc)[:160]}); it may be truncated ({len(data):,} bytes here) or another kind of file: "
+            f"copy it again, or {RESAVE_HINT}"
         ) from None
     if not isinstance(obj, Mapping):
         raise CheckpointError(

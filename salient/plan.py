@@ -2,7 +2,10 @@
 
 Order: sorted class folders (the label is the folder's position), then sorted file names; only
 files directly inside a class folder with extension ``.jpeg .jpg .png`` (any case) are taken.
-``image_id`` is the position in this listing; shards are consecutive runs of ``shard_size`` ids.
+Everything else found there (other files, nested folders, files beside the class folders, names
+that could not be used as a path) is listed as skipped, with a reason, in the plan's metadata.
+``image_id`` is the position in this listing. A shard is a run of at most ``shard_size`` images of
+one class, so images added to one class change only that class's shards.
 """
 
 from __future__ import annotations
@@ -10,8 +13,9 @@ from __future__ import annotations
 import json
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 
 from salient import storage
@@ -31,22 +35,38 @@ PLAN_SCHEMA = pa.schema(
 )
 
 
+# Skipped entries kept in the plan's metadata; beyond this many only their number is.
+MAX_SKIPPED_LISTED = 1000
+
+
 @dataclass(frozen=True)
 class Listing:
-    """An ImageFolder listing: class folder names in label order and one row per image."""
+    """An ImageFolder listing: class folder names in label order, one row per image, and the
+    entries that are not taken, as (relpath, reason) sorted by relpath."""
 
     classes: list[str]
     table: pa.Table  # PLAN_SCHEMA without `shard`
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _list_class(fs, folder: str) -> list[tuple[str, int]]:
-    entries = fs.ls(folder, detail=True)
-    files = [
-        (posixpath.basename(e["name"].rstrip("/")), int(e.get("size") or 0))
-        for e in entries
-        if e["type"] == "file" and e["name"].lower().endswith(IMAGE_EXTENSIONS)
-    ]
-    return sorted(files)
+def _list_class(fs, folder: str, wnid: str) -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
+    files: list[tuple[str, int]] = []
+    skipped: list[tuple[str, str]] = []
+    for e in fs.ls(folder, detail=True):
+        name = posixpath.basename(e["name"].rstrip("/"))
+        rel = f"{wnid}/{name}"
+        if e["type"] != "file":
+            skipped.append((f"{rel}/", "a folder inside a class folder: images must sit directly in <root>/<wnid>/"))
+        elif not name.lower().endswith(IMAGE_EXTENSIONS):
+            skipped.append((rel, f"not an image file name: the extension is not one of {' '.join(IMAGE_EXTENSIONS)}"))
+        else:
+            try:
+                storage.safe_relpath(rel)
+            except storage.UnsafePathError as exc:
+                skipped.append((rel, f"{exc}; rename the file"))
+            else:
+                files.append((name, int(e.get("size") or 0)))
+    return sorted(files), skipped
 
 
 def list_images(root: str, threads: int = 32) -> Listing:
@@ -55,17 +75,25 @@ def list_images(root: str, threads: int = 32) -> Listing:
     fs.invalidate_cache()
     if not fs.isdir(path):
         raise ValueError(f"dataset root {root!r} does not exist or is not a directory")
-    folders = sorted(
-        posixpath.basename(e["name"].rstrip("/")) for e in fs.ls(path, detail=True) if e["type"] == "directory"
-    )
+    entries = fs.ls(path, detail=True)
+    folders = sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory")
+    skipped = [
+        (posixpath.basename(e["name"].rstrip("/")), "a file beside the class folders: images must sit in <root>/<wnid>/")
+        for e in entries
+        if e["type"] != "directory"
+    ]
     if not folders:
         raise ValueError(f"dataset root {root!r} has no class folders; expected <root>/<wnid>/<image>")
     for wnid in folders:
-        storage.safe_relpath(wnid)
+        try:
+            storage.safe_relpath(wnid)
+        except storage.UnsafePathError as exc:
+            raise storage.UnsafePathError(f"class folder {wnid!r} in dataset root {root!r}: {exc}; rename the folder") from None
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(folders)))) as pool:
-        per_class = list(pool.map(lambda w: _list_class(fs, posixpath.join(path, w)), folders))
+        per_class = list(pool.map(lambda w: _list_class(fs, posixpath.join(path, w), w), folders))
     relpaths, labels, wnids, sizes = [], [], [], []
-    for label, (wnid, files) in enumerate(zip(folders, per_class)):
+    for label, (wnid, (files, not_taken)) in enumerate(zip(folders, per_class)):
+        skipped.extend(not_taken)
         for name, size in files:
             relpaths.append(f"{wnid}/{name}")
             labels.append(label)
@@ -80,15 +108,21 @@ def list_images(root: str, threads: int = 32) -> Listing:
             "bytes": pa.array(sizes, pa.int64()),
         }
     )
-    return Listing(folders, table)
+    return Listing(folders, table, sorted(skipped))
 
 
 def cut_shards(listing: Listing, shard_size: int) -> pa.Table:
-    """The listing with a ``shard`` column: image_id // shard_size."""
+    """The listing with a ``shard`` column: each class's images cut into runs of ``shard_size``,
+    numbered in listing order."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
-    ids = listing.table.column("image_id").to_numpy()
-    return listing.table.append_column("shard", pa.array(ids // shard_size, pa.int32()))
+    labels = listing.table.column("label").to_numpy()
+    n = len(labels)
+    class_start = np.r_[0, np.flatnonzero(np.diff(labels)) + 1] if n else np.zeros(0, np.int64)
+    sizes = np.diff(np.r_[class_start, n])
+    chunk = (np.arange(n) - np.repeat(class_start, sizes)) // shard_size
+    new = np.r_[True, (np.diff(labels) != 0) | (np.diff(chunk) != 0)] if n else np.zeros(0, bool)
+    return listing.table.append_column("shard", pa.array(np.cumsum(new) - 1, pa.int32()))
 
 
 @dataclass(frozen=True)
@@ -125,15 +159,22 @@ def plan_uri(out: str) -> str:
 def write_plan(root: str, out: str, shard_size: int) -> dict:
     """List the dataset, cut shards and write ``plan.parquet``; returns a small summary.
 
-    The table's metadata keeps the class folders in label order (``salient.classes``, JSON).
+    The table's metadata keeps the class folders in label order (``salient.classes``, JSON) and
+    the skipped entries (``salient.skipped``, JSON: their number and the first
+    :data:`MAX_SKIPPED_LISTED` as ``{relpath, reason}``).
     """
     listing = list_images(root)
     table = cut_shards(listing, shard_size)
     if table.num_rows == 0:
         raise ValueError(f"dataset.root = {root!r}: no images (.jpeg .jpg .png) in any class folder")
     fp = storage.fingerprint(table.column("relpath").to_pylist(), table.column("bytes").to_pylist(), shard_size)
+    skipped = {
+        "count": len(listing.skipped),
+        "entries": [{"relpath": r, "reason": why} for r, why in listing.skipped[:MAX_SKIPPED_LISTED]],
+    }
     storage.write_parquet(
-        plan_uri(out), table, fp, {"root": root, "shard_size": shard_size, "classes": json.dumps(listing.classes)}
+        plan_uri(out), table, fp,
+        {"root": root, "shard_size": shard_size, "classes": json.dumps(listing.classes), "skipped": json.dumps(skipped)},
     )
     return {
         "uri": plan_uri(out),
@@ -141,6 +182,8 @@ def write_plan(root: str, out: str, shard_size: int) -> dict:
         "classes": len(listing.classes),
         "shards": int(table.column("shard").to_numpy().max()) + 1,
         "bytes": int(table.column("bytes").to_numpy().sum()),
+        "skipped": len(listing.skipped),
+        "skipped_examples": [r for r, _ in listing.skipped[:5]],
     }
 
 
@@ -155,3 +198,8 @@ def read_plan(out: str, columns: list[str] | None = None) -> pa.Table:
 def plan_classes(out: str) -> list[str]:
     """The class folder names (wnids) of the plan, in label order."""
     return json.loads(storage.parquet_metadata(plan_uri(out))["classes"])
+
+
+def plan_skipped(out: str) -> dict:
+    """What the plan under ``out`` did not take: ``{"count": n, "entries": [{relpath, reason}, ...]}``."""
+    return json.loads(storage.parquet_metadata(plan_uri(out)).get("skipped", '{"count": 0, "entries": []}'))

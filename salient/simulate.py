@@ -48,7 +48,10 @@ def true_answer(shares: dict[str, float], cue_kind: str) -> tuple[str, float]:
     return answer, scores[answer]
 
 
-def simulate(out: str, root: str, groundtruth_uri: str, split: str, preprocess: PreprocessConfig, cfg: AnnotationsConfig) -> dict:
+def simulate(
+    out: str, root: str, groundtruth_uri: str, split: str, preprocess: PreprocessConfig, cfg: AnnotationsConfig,
+    answers_root: str | None = None,
+) -> dict:
     """Answer every discovered pair with ``cfg.simulated_workers`` workers; returns a summary."""
     pairs = storage.read_parquet(storage.join(out, PAIRS_TABLE)).to_pylist()
     records = []
@@ -76,7 +79,7 @@ def simulate(out: str, root: str, groundtruth_uri: str, split: str, preprocess: 
             reason = f"the red region is mostly on {region}" + ("" if noisy else f" ({share:.0%} of the heat)")
             writer.writerow([f"sim-{w:02d}", rec["wnid"], rec["class_index"], rec["feature_index"], rec["feature_rank"], answer, f"{confidence:.1f}", reason])
             answers += 1
-    uri = storage.join(out, INCOMING, SIMULATED_FILE)
+    uri = storage.join(answers_root or out, INCOMING, SIMULATED_FILE)
     storage.write_bytes_atomic(uri, buf.getvalue().encode("utf-8"))
     return {"uri": uri, "pairs": len(records), "answers": answers, "workers": cfg.simulated_workers}
 

@@ -24,6 +24,9 @@ from fsspec.implementations.local import LocalFileSystem
 SCHEMA_VERSION = "1"
 SCHEMA_KEY = b"salient.schema_version"
 FINGERPRINT_KEY = b"salient.fingerprint"
+BUILD_KEY = b"salient.build_id"
+# A table written inside a build directory (``.../builds/<build_id>/...``) records that build.
+_BUILD_IN_URI = re.compile(r"/builds/([A-Za-z0-9][A-Za-z0-9._-]*)/")
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
@@ -140,10 +143,13 @@ def fingerprint(*parts: Any) -> str:
 
 
 def write_parquet(uri: str, table: pa.Table, fingerprint: str, metadata: Mapping[str, str] | None = None) -> None:
-    """Write ``table`` as zstd Parquet, with the schema version and the build fingerprint in its metadata."""
+    """Write ``table`` as zstd Parquet, with the schema version, the fingerprint of its inputs and,
+    inside a build directory, the id of the build that produced it in its metadata."""
     meta = dict(table.schema.metadata or {})
     meta[SCHEMA_KEY] = SCHEMA_VERSION.encode()
     meta[FINGERPRINT_KEY] = fingerprint.encode()
+    if found := _BUILD_IN_URI.search(uri):
+        meta[BUILD_KEY] = found.group(1).encode()
     for key, value in (metadata or {}).items():
         meta[f"salient.{key}".encode()] = str(value).encode()
     buf = io.BytesIO()
@@ -191,3 +197,69 @@ def check_writable(uri: str) -> None:
 
 def basename(uri: str) -> str:
     return posixpath.basename(uri.rstrip("/"))
+
+
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Write ``data`` to ``uri`` only if no object is there; False when one already is.
+
+    On S3 this is a conditional PUT (``If-None-Match: *``), so of many writers racing for one name
+    exactly one wins.
+    """
+    fs, path = url_to_fs(uri)
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        # S3 answers a lost race with 412 PreconditionFailed, which s3fs raises as a plain OSError.
+        if "pre-condition" in str(exc).lower() or "precondition" in str(exc).lower():
+            return False
+        raise
+    return True
+
+
+def copy_file(src: str, dst: str) -> None:
+    """Copy one object, atomically at ``dst``; a hard link where both are on one local disk."""
+    sfs, spath = url_to_fs(src)
+    dfs, dpath = url_to_fs(dst)
+    if isinstance(sfs, LocalFileSystem) and isinstance(dfs, LocalFileSystem):
+        os.makedirs(os.path.dirname(dpath), exist_ok=True)
+        tmp = os.path.join(os.path.dirname(dpath), f".{os.path.basename(dpath)}.tmp-{uuid.uuid4().hex}")
+        try:
+            os.link(spath, tmp)
+        except OSError:
+            write_bytes_atomic(dst, sfs.cat_file(spath))
+            return
+        os.replace(tmp, dpath)
+    elif type(sfs) is type(dfs):
+        sfs.copy(spath, dpath)  # server-side on object stores
+    else:
+        write_bytes_atomic(dst, sfs.cat_file(spath))
+
+
+def list_files(uri: str) -> list[str]:
+    """The paths, relative to ``uri``, of every object under it (sorted; empty when it is missing).
+
+    Hidden names (temporary files of unfinished writes) are left out."""
+    fs, path = url_to_fs(uri)
+    if not fs.exists(path):
+        return []
+    base = path.rstrip("/") + "/"
+    rels = (p[len(base):] for p in fs.find(path) if p.startswith(base))
+    return sorted(r for r in rels if not any(part.startswith(".") for part in r.split("/")))
+
+
+def copy_tree(src: str, dst: str, skip: tuple[str, ...] = ()) -> int:
+    """Copy every object under ``src`` to the same relative path under ``dst``; returns the count.
+
+    Relative paths starting with any of ``skip`` are left out.
+    """
+    n = 0
+    for rel in list_files(src):
+        if rel.startswith(skip):
+            continue
+        copy_file(join(src, rel), join(dst, rel))
+        n += 1
+    return n

@@ -269,7 +269,9 @@ def _pair_rows(accepted: Sequence[ingest._Answer], wnids: Mapping[int, str]) -> 
     return rows
 
 
-def ingest_study(out: str, answer_uris: Sequence[str], classes: Mapping[int, str] | None = None) -> dict:
+def ingest_study(
+    out: str, answer_uris: Sequence[str], classes: Mapping[int, str] | None = None, answers_root: str | None = None
+) -> dict:
     """Validate the study's answers and write ``generalization.parquet`` (per pair: votes, agreement =
     same / (same + different), mean confidence), ``generalization_answers.parquet`` and
     ``generalization_rejected.parquet`` under ``<out>/annotations/``; returns a summary.
@@ -277,8 +279,10 @@ def ingest_study(out: str, answer_uris: Sequence[str], classes: Mapping[int, str
     ``classes`` maps class_index to wnid (None: no class check). Rows are checked as in the
     discovery ingest; a worker's second answer to a pair is rejected, the first counts. The
     summary's ``overall_agreement`` is total same / (total same + total different), None without either.
+    ``answers_root`` is the output root whose ``annotations/study_incoming/`` holds dropped answer
+    files (default ``out``).
     """
-    ingest.check_inputs(out, answer_uris, classes, STUDY_INCOMING, "pass study answer files (--answers FILE), or put CSV files")
+    ingest.check_inputs(answers_root or out, answer_uris, classes, STUDY_INCOMING, "pass study answer files (--answers FILE), or put CSV files")
 
     ledger = ingest._Ledger()
     wnid_of: dict[int, tuple[str, str, int]] = {}

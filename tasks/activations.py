@@ -9,7 +9,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from salient import activations, storage
+from salient import activations, builds, storage
 from salient import plan as planmod
 from salient.config import Config
 from salient.resources import plan_workers
@@ -17,13 +17,19 @@ from tasks.ray_pool import ray_cluster, run_pool
 
 
 @task(name="plan-images", retries=2, retry_delay_seconds=5)
-def plan_images(config: Config) -> dict:
+def plan_images(config: Config, layout: builds.Layout) -> dict:
     """List the dataset in ImageFolder order and write the shard plan."""
-    summary = planmod.write_plan(config.dataset.root, config.output, config.compute.shard_size)
-    get_run_logger().info(
+    summary = planmod.write_plan(config.dataset.root, layout.build, config.compute.shard_size)
+    logger = get_run_logger()
+    logger.info(
         "planned %d images in %d classes as %d shards of up to %d",
         summary["images"], summary["classes"], summary["shards"], config.compute.shard_size,
     )
+    if summary["skipped"]:
+        logger.warning(
+            "%d entries under the dataset root are not planned (e.g. %s); the reasons are in plan.parquet's metadata",
+            summary["skipped"], ", ".join(summary["skipped_examples"]),
+        )
     return summary
 
 
@@ -32,17 +38,17 @@ def _build_runner(config: Config, threads: int) -> activations.ActivationRunner:
 
 
 @task(name="compute-activations", retries=1, retry_delay_seconds=5)
-def compute_activations(config: Config, max_attempts: int = 3) -> list[dict]:
-    """Run every uncommitted shard on the actor pool; returns the stats of all shards."""
+def compute_activations(config: Config, layout: builds.Layout, max_attempts: int = 3) -> list[dict]:
+    """Run every shard neither committed in the build nor cached on the actor pool; returns the stats of all shards."""
     logger = get_run_logger()
     weights = storage.sha256(config.model.checkpoint)
-    todo, done = activations.shard_tasks(config.dataset.root, config.output, weights, config.model, config.preprocess)
+    todo, done = activations.shard_tasks(config.dataset.root, layout.build, weights, config.model, config.preprocess, layout.root)
     if done:
-        logger.info("%d shards already committed with the same inputs; skipping them", len(done))
+        logger.info("%d shards already computed from the same inputs; reusing them", len(done))
     if not todo:
         return done
     total = sum(len(t.shard) for t in todo)
-    with ray_cluster(config.compute.ray_address) as cluster:
+    with ray_cluster(config.compute.ray_address, connect_timeout_s=config.compute.ray_connect_timeout_s) as cluster:
         res = plan_workers(config.compute, cluster.get("CPU", 1.0), cluster.get("GPU", 0.0))
         logger.info(
             "%d shards (%d images) on %d workers x (%g GPU, %g CPU)",
@@ -73,13 +79,17 @@ def compute_activations(config: Config, max_attempts: int = 3) -> list[dict]:
     if result.failed:
         lines = "; ".join(f"shard {t.shard.index:05d}: {reason}" for t, reason in result.failed[:5])
         raise RuntimeError(f"{len(result.failed)} shards failed after {max_attempts} attempts ({lines}); rerun to retry them")
+    for stats in result.results:
+        stats["computed_now"] = True
     return done + result.results
 
 
 @task(name="summarize-activations")
-def summarize_activations(config: Config, stats: list[dict]) -> dict:
+def summarize_activations(config: Config, layout: builds.Layout, stats: list[dict]) -> dict:
     """Totals, failures and a per-shard throughput table artifact."""
-    summary = activations.summarize(stats, config.output)
+    summary = activations.summarize(stats, layout.build)
+    summary["computed_shards"] = sum(bool(s.get("computed_now")) for s in stats)
+    builds.record_cache_use(layout.build, activations.cache_entries(layout.build))
     rows = [
         {
             "shard": s["shard"], "images": s["images"], "failed": s["failed"],

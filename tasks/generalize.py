@@ -6,7 +6,7 @@ import functools
 
 from prefect import get_run_logger, task
 
-from salient import masks, storage
+from salient import builds, masks, storage
 from salient.config import Config
 from salient.resources import plan_workers
 from tasks.ray_pool import ray_cluster, run_pool
@@ -17,15 +17,24 @@ def _build_runner(config: Config, threads: int) -> masks.MaskRunner:
 
 
 @task(name="generalize", retries=1, retry_delay_seconds=5)
-def generalize_masks(config: Config, max_attempts: int = 3) -> dict:
-    """Compute the uncommitted mask blocks on the actor pool, then write the mask index."""
+def generalize_masks(config: Config, layout: builds.Layout, max_attempts: int = 3) -> dict:
+    """Compute the uncommitted mask blocks on the actor pool, then write the mask index; the whole
+    mask store is copied from the cache when the same masks were made before."""
     logger = get_run_logger()
-    rows = masks.plan_rows(config.output, config.generalize)
+    out = layout.build
+    rows = masks.plan_rows(out, config.generalize)
     stage_fp = masks.stage_fingerprint(storage.sha256(config.model.checkpoint), config.model, config.preprocess, config.generalize)
-    todo, n_blocks, index_fp = masks.prepare(config.output, config.dataset.root, rows, config.preprocess.crop, config.generalize, stage_fp)
+    index_fp = masks.index_fingerprint(stage_fp, rows)
+    index_uri = storage.join(out, masks.INDEX_TABLE)
+    fresh = storage.exists(index_uri) and storage.parquet_metadata(index_uri).get("fingerprint") == index_fp
+    if not fresh and builds.read_entry(layout.root, masks.DIRNAME, index_fp) is not None:
+        storage.remove(storage.join(out, masks.DIRNAME), recursive=True)
+        builds.restore_entry(layout.root, masks.DIRNAME, index_fp, out)
+        logger.info("%d masks reused from the cache", rows.num_rows)
+    todo, n_blocks, index_fp = masks.prepare(out, config.dataset.root, rows, config.preprocess.crop, config.generalize, stage_fp)
     logger.info("%d masks in %d blocks; %d blocks to compute", rows.num_rows, n_blocks, len(todo))
     if todo:
-        with ray_cluster(config.compute.ray_address) as cluster:
+        with ray_cluster(config.compute.ray_address, connect_timeout_s=config.compute.ray_connect_timeout_s) as cluster:
             res = plan_workers(config.compute, cluster.get("CPU", 1.0), cluster.get("GPU", 0.0))
             result = run_pool(
                 functools.partial(_build_runner, config, res.threads), todo, res, max_attempts=max_attempts,
@@ -34,8 +43,12 @@ def generalize_masks(config: Config, max_attempts: int = 3) -> dict:
         if result.failed:
             lines = "; ".join(f"block {b.index:05d}: {reason}" for b, reason in result.failed[:5])
             raise RuntimeError(f"{len(result.failed)} mask blocks failed after {max_attempts} attempts ({lines}); rerun to retry them")
-    index_uri = storage.join(config.output, masks.INDEX_TABLE)
     if todo or not storage.exists(index_uri) or storage.parquet_metadata(index_uri).get("fingerprint") != index_fp:
-        masks.write_index(config.output, rows, n_blocks, index_fp)
+        masks.write_index(out, rows, n_blocks, index_fp)
+    entry = f"{masks.DIRNAME}/{index_fp}"
+    if builds.read_entry(layout.root, masks.DIRNAME, index_fp) is None:
+        rels = [f"{masks.DIRNAME}/{r}" for r in storage.list_files(storage.join(out, masks.DIRNAME))]
+        entry = builds.save_entry(layout.root, masks.DIRNAME, index_fp, out, rels)
+    builds.record_cache_use(out, [entry])
     images = len(set(rows.column("image_id").to_pylist()))
     return {"masks": rows.num_rows, "images": images, "blocks": n_blocks, "computed_blocks": len(todo), "index": index_uri}

@@ -6,29 +6,84 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import socket
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from salient.config import ComputeConfig
 from salient.resources import WorkerResources
 
 log = logging.getLogger("salient.pool")
 
+DEFAULT_CONNECT_TIMEOUT_S: float = ComputeConfig.model_fields["ray_connect_timeout_s"].default
+RAY_CLIENT_PORT = 10001  # the Ray Client server's port when a ray:// address names none
+_RETRY_S = 0.5
+
+
+def _endpoint(address: str) -> tuple[str, int] | None:
+    """The (host, port) that ``address`` connects to; None when it means a new local Ray."""
+    if address == "local":
+        return None
+    if address == "auto":
+        from ray._private.services import canonicalize_bootstrap_address
+
+        try:
+            address = canonicalize_bootstrap_address("auto")
+        except ConnectionError as exc:
+            raise ConnectionError(f"compute.ray_address = 'auto': {exc}") from None
+        if address is None:
+            return None
+    parts = urlsplit(address if address.startswith("ray://") else f"//{address}")
+    if not parts.hostname:
+        raise ValueError(f"compute.ray_address = {address!r}: not host:port, ray://host:port or auto")
+    return parts.hostname, parts.port or RAY_CLIENT_PORT
+
+
+def wait_reachable(address: str, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> None:
+    """Return once ``address`` accepts a TCP connection; raise ``ConnectionError`` after ``timeout_s``.
+
+    ``ray.init`` itself keeps retrying an address where nothing listens for many minutes.
+    """
+    endpoint = _endpoint(address)
+    if endpoint is None:
+        return
+    host, port = endpoint
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=max(0.1, deadline - time.monotonic())):
+                return
+        except OSError as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        if time.monotonic() + _RETRY_S >= deadline:
+            break
+        time.sleep(_RETRY_S)
+    raise ConnectionError(
+        f"compute.ray_address = {address!r}: nothing accepted a connection at {host}:{port} within "
+        f"{timeout_s:g} s ({last}); start the cluster (`ray start --head`) or fix compute.ray_address "
+        "(leave it unset for a private local Ray); compute.ray_connect_timeout_s sets how long to wait"
+    )
+
 
 @contextmanager
-def ray_cluster(address: str | None = None) -> Iterator[dict[str, float]]:
+def ray_cluster(address: str | None = None, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> Iterator[dict[str, float]]:
     """Use the running Ray, connect to ``address``, or start a private local Ray (stopped on exit).
 
+    An ``address`` that accepts no connection within ``connect_timeout_s`` raises ``ConnectionError``.
     Yields the cluster's total resources.
     """
     started = False
     if not ray.is_initialized():
         if address:
+            wait_reachable(address, connect_timeout_s)
             ray.init(address=address, logging_level=logging.WARNING)
         else:
             ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)

@@ -18,9 +18,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def ray_session(s3_server):
     """One local Ray for the whole session, declaring 2 GPUs on this CPU machine so GPU scheduling
-    is exercised: workers asking for a GPU each get their own CUDA_VISIBLE_DEVICES and fall back to the CPU."""
+    is exercised: workers asking for a GPU each get their own CUDA_VISIBLE_DEVICES and fall back to the CPU.
+    It starts after the S3 test server, so its workers inherit the variables that reach that server."""
     import ray
 
     ray.init(

@@ -51,3 +51,10 @@ def read_activation_rows(out: str) -> pa.Table:
     """Every committed activation row of a build output."""
     parts = sorted(p for p in os.listdir(f"{out}/activations") if p.endswith(".parquet"))
     return pa.concat_tables(pq.read_table(f"{out}/activations/{p}") for p in parts)
+
+
+def current_build(root) -> str:
+    """The directory of the ``current`` build under the output root ``root``."""
+    from salient import builds
+
+    return builds.resolve(str(root), pointer="current")

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from salient import activations, cli, models, storage
-from tests.helpers import read_activation_rows
+from tests.helpers import current_build, read_activation_rows
 
 
 def test_aggregate_flow_matches_brute_force_on_real_activations(activation_world, ray_session, prefect_server, capsys):
@@ -17,7 +17,8 @@ def test_aggregate_flow_matches_brute_force_on_real_activations(activation_world
     activations_flow(cfg)
     summary = aggregate_flow(cfg)
 
-    rows = read_activation_rows(cfg.output).sort_by("image_id")
+    out = current_build(cfg.output)
+    rows = read_activation_rows(out).sort_by("image_id")
     ids = rows.column("image_id").to_numpy()
     labels = rows.column("label").to_numpy()
     feats = np.asarray(rows.column("features").to_pylist(), dtype=np.float64)
@@ -30,13 +31,13 @@ def test_aggregate_flow_matches_brute_force_on_real_activations(activation_world
             expected_pairs.append((c, j, rank))
             best = sorted(members, key=lambda i: (-feats[i, j], ids[i]))[:3]
             expected_top += [(c, j, r, int(ids[i])) for r, i in enumerate(best, start=1)]
-    pairs = storage.read_parquet(f"{cfg.output}/pairs.parquet").to_pylist()
+    pairs = storage.read_parquet(f"{out}/pairs.parquet").to_pylist()
     assert [(p["class_index"], p["feature_index"], p["feature_rank"]) for p in pairs] == expected_pairs
-    top = storage.read_parquet(f"{cfg.output}/topk/class.parquet").to_pylist()
+    top = storage.read_parquet(f"{out}/topk/class.parquet").to_pylist()
     assert [(t["class_index"], t["feature_index"], t["rank"], t["image_id"]) for t in top] == expected_top
     assert summary["images"] == 24 and summary["pairs"] == 6
 
-    storage.remove(activations.stats_uri(cfg.output, 2))
+    storage.remove(activations.stats_uri(out, 2))
     capsys.readouterr()
     assert cli.main(["aggregate", _config_file(cfg)]) == 2
     assert "1 activation shards are missing or were computed from other inputs (part-00002" in capsys.readouterr().err
@@ -56,5 +57,5 @@ def test_missing_shard_is_named(activation_world):
 
     cfg, _ = activation_world
     plan.write_plan(cfg.dataset.root, cfg.output, cfg.compute.shard_size)
-    with pytest.raises(ValueError, match=r"5 activation shards are missing .*part-00000, part-00001"):
+    with pytest.raises(ValueError, match=r"6 activation shards are missing .*part-00000, part-00001"):
         activations.committed_shards(cfg.output, "w", cfg.model, cfg.preprocess)

@@ -8,7 +8,7 @@ from PIL import Image
 
 from salient import cli, config, discover, storage, world
 from salient.dataset import SalientMasks
-from tests.helpers import make_checkpoint
+from tests.helpers import current_build, make_checkpoint
 
 
 @pytest.fixture
@@ -33,21 +33,22 @@ def test_discover_simulate_ingest_generalize(tiny_world_config, ray_session, pre
 
     cfg = tiny_world_config
     activations_flow(cfg)
+    out = current_build(cfg.output)
     aggregate_flow(cfg)
     summary = discover_flow(cfg)
     assert (summary["pairs"], summary["made"], summary["reused"]) == (6, 6, 0)
 
     rows = list(csv.DictReader(io.StringIO(storage.read_bytes(summary["tasks"]).decode())))
-    pairs = storage.read_parquet(f"{cfg.output}/pairs.parquet").to_pylist()
+    pairs = storage.read_parquet(f"{out}/pairs.parquet").to_pylist()
     assert [(int(r["class_index"]), int(r["feature_index"])) for r in rows] == [(p["class_index"], p["feature_index"]) for p in pairs]
     assert rows[0]["class_name"] == "circle" and rows[0]["definition"].startswith("a filled circle")
     for r in rows:
         for strip in discover.STRIPS:
-            path = os.path.join(cfg.output, "discover", r[f"{strip}_url"])
+            path = os.path.join(out, "discover", r[f"{strip}_url"])
             with Image.open(path) as im:
                 assert im.size == (3 * 32 + 2 * 2, 32), "three 32 px tiles, 2 px apart"
         assert len(r["image_ids"].split(";")) == 3
-    record = storage.read_json(os.path.join(cfg.output, "discover", rows[0]["wnid"], f"feature_{rows[0]['feature_index']}", "assets.json"))
+    record = storage.read_json(os.path.join(out, "discover", rows[0]["wnid"], f"feature_{rows[0]['feature_index']}", "assets.json"))
     assert (record["nam_h"], record["nam_w"]) == (4, 4) and len(record["nams"]) == 3
     assert max(max(n) for n in record["nams"]) == pytest.approx(1.0, abs=1e-3), "NAMs are divided by their max"
 
@@ -59,7 +60,7 @@ def test_discover_simulate_ingest_generalize(tiny_world_config, ray_session, pre
     labels = ingest_flow(cfg)
     assert (labels["pairs"], labels["accepted"], labels["rejected"]) == (6, 30, 0)
     assert labels["spurious"] + labels["core"] == 6 and labels["pairs_not_in_build"] == 0
-    table = storage.read_parquet(f"{cfg.output}/annotations/labels.parquet").to_pylist()
+    table = storage.read_parquet(f"{out}/annotations/labels.parquet").to_pylist()
     votes = np.array([[r["votes_main_object"], r["votes_separate_object"], r["votes_background"]] for r in table])
     assert (votes.sum(axis=1) == 5).all()
     assert all((r["label"] == "spurious") == (r["votes_separate_object"] + r["votes_background"] >= 3) for r in table)
@@ -69,7 +70,7 @@ def test_discover_simulate_ingest_generalize(tiny_world_config, ray_session, pre
     cfg.generalize.masks_per_shard = 5
     gen = generalize_flow(cfg)
     assert gen["masks"] == labelled * 4 and gen["computed_blocks"] == gen["blocks"] == -(-labelled * 4 // 5)
-    store = SalientMasks(cfg.output)
+    store = SalientMasks(cfg.output, os.path.basename(out))
     assert len(store) == gen["masks"] and store.array.shape == (gen["masks"], 32, 32)
     assert generalize_flow(cfg)["computed_blocks"] == 0, "a rerun recomputes no mask"
 
@@ -77,9 +78,10 @@ def test_discover_simulate_ingest_generalize(tiny_world_config, ray_session, pre
     with open(config_path, "w") as fh:
         fh.write(config.to_yaml(cfg))
     assert cli.main(["study", "export", config_path]) == 0
-    study_rows = list(csv.DictReader(open(os.path.join(cfg.output, "study", "tasks.csv"))))
+    study_rows = list(csv.DictReader(open(os.path.join(out, "study", "tasks.csv"))))
     assert len(study_rows) == labelled and study_rows[0]["a_ranks"] == "1;2;3" and study_rows[0]["b_ranks"] == "4"
-    assert cli.main(["export", "reference", cfg.output, os.path.join(os.path.dirname(cfg.output), "reference")]) == 0
+    reference = os.path.join(os.path.dirname(cfg.output), "reference")
+    assert cli.main(["export", "reference", cfg.output, reference, "--build", os.path.basename(out)]) == 0
 
     from flows.evaluate import evaluate_flow
 
@@ -87,10 +89,10 @@ def test_discover_simulate_ingest_generalize(tiny_world_config, ray_session, pre
     cfg.evaluate.sigmas = [0.0, 0.5]
     first = evaluate_flow(cfg)
     assert (first["models"], first["sigmas"], first["reused"]) == (1, 2, 0)
-    pairs_eval = storage.read_parquet(f"{cfg.output}/evaluation/pairs.parquet").to_pylist()
+    pairs_eval = storage.read_parquet(f"{out}/evaluation/pairs.parquet").to_pylist()
     assert len(pairs_eval) == 2 * labelled
     assert all(r["noisy_acc"] == r["clean_acc"] for r in pairs_eval if r["sigma"] == 0.0)
     assert all(0.0 <= r["clean_acc"] <= 1.0 for r in pairs_eval)
-    assert os.path.exists(f"{cfg.output}/evaluation/tiny.png")
+    assert os.path.exists(f"{out}/evaluation/tiny.png")
     again = evaluate_flow(cfg)
     assert again["reused"] == 2 and again["summary"] == first["summary"]

@@ -5,7 +5,7 @@ import torchvision
 import yaml
 
 from salient import cli, config
-from tests.helpers import make_image_folder
+from tests.helpers import current_build, make_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -52,8 +52,9 @@ def test_run_subset_of_stages(activation_world, ray_session, prefect_server, cap
         fh.write(config.to_yaml(cfg))
     assert cli.main(["run", path, "--stages", "activations,aggregate"]) == 0
     out = capsys.readouterr().out
-    assert "activations: 24 of 25 images in 5 shards" in out and "pairs over 3 classes from 24 images" in out
-    assert os.path.exists(os.path.join(cfg.output, "pairs.parquet"))
+    assert "activations: 24 of 25 images in 6 shards" in out and "pairs over 3 classes from 24 images" in out
+    assert "not published" in out and not os.path.exists(os.path.join(cfg.output, "latest"))
+    assert os.path.exists(os.path.join(current_build(cfg.output), "pairs.parquet"))
     assert cli.main(["run", path, "--stages", "activations,bogus"]) == 2
 
 

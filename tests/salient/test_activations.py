@@ -1,6 +1,7 @@
 import io
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torchvision
@@ -57,8 +58,8 @@ def test_shard_matches_independent_computation_and_lists_failures(tmp_path):
     make_image_folder(root, classes=3, per_class=4, size=(60, 80))
     valid, broken = _odd_files(root)
     ckpt = make_checkpoint(tmp_path / "r18.pt", num_classes=3, arch="resnet18")
-    listing = plan.cut_shards(plan.list_images(str(root)), shard_size=1000)
-    (shard,) = plan.shards_of(listing)
+    listing = plan.list_images(str(root)).table  # one shard over all classes, odd files included
+    (shard,) = plan.shards_of(listing.append_column("shard", pa.array(np.zeros(listing.num_rows, np.int32))))
     out = str(tmp_path / "out")
     runner = activations.ActivationRunner(
         ModelConfig(checkpoint=ckpt, arch="resnet18"), PreprocessConfig(resize=72, crop=64),

@@ -22,13 +22,25 @@ def test_listing_follows_imagefolder_order(tmp_path):
     assert sizes == [(tmp_path / rel).stat().st_size for rel, _ in expected]
 
 
-def test_shards_are_consecutive_runs(tmp_path):
+def test_shards_are_runs_within_one_class(tmp_path):
     make_image_folder(tmp_path, classes=3, per_class=5)
     table = plan.cut_shards(plan.list_images(str(tmp_path)), shard_size=4)
     shards = plan.shards_of(table)
-    assert [len(s) for s in shards] == [4, 4, 4, 3]
+    assert [len(s) for s in shards] == [4, 1, 4, 1, 4, 1]
+    assert [set(s.labels) for s in shards] == [{0}, {0}, {1}, {1}, {2}, {2}]
     assert [i for s in shards for i in s.image_ids] == list(range(15))
     assert shards == plan.shards_of(plan.cut_shards(plan.list_images(str(tmp_path)), shard_size=4))
+
+
+def test_images_added_to_one_class_change_only_its_shards(tmp_path):
+    make_image_folder(tmp_path, classes=3, per_class=5)
+    before = plan.shards_of(plan.cut_shards(plan.list_images(str(tmp_path)), shard_size=4))
+    wnid = before[2].relpaths[0].split("/")[0]
+    (tmp_path / wnid / "zz_new.JPEG").write_bytes((tmp_path / before[2].relpaths[0]).read_bytes())
+    after = plan.shards_of(plan.cut_shards(plan.list_images(str(tmp_path)), shard_size=4))
+    files = lambda shards: [tuple(s.relpaths) for s in shards]  # noqa: E731
+    changed = set(files(after)) - set(files(before))
+    assert changed == {tuple(after[3].relpaths)} and len(after[3]) == 2
 
 
 def test_empty_or_missing_root(tmp_path):

@@ -1,7 +1,12 @@
 import functools
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
+
+import pytest
 
 from salient import activations
 from salient import plan as planmod
@@ -31,7 +36,7 @@ def test_killed_worker_loses_and_duplicates_nothing(activation_world, tmp_path, 
     cfg, planned = activation_world
     planmod.write_plan(cfg.dataset.root, cfg.output, cfg.compute.shard_size)
     todo, done = activations.shard_tasks(cfg.dataset.root, cfg.output, "w", cfg.model, cfg.preprocess)
-    assert len(todo) == 5 and not done
+    assert len(todo) == 6 and not done  # classes of 8, 9 and 8 images in runs of 5
     marker = str(tmp_path / "killed-once")
     result = run_pool(
         functools.partial(_killing_builder, cfg, marker), todo, WorkerResources(2, 0.0, 1.0), max_attempts=2
@@ -41,7 +46,7 @@ def test_killed_worker_loses_and_duplicates_nothing(activation_world, tmp_path, 
     rels = table.column("relpath").to_pylist()
     assert len(rels) == len(set(rels)) == 24
     stats = sorted(result.results, key=lambda s: s["shard"])
-    assert [s["shard"] for s in stats] == [0, 1, 2, 3, 4]
+    assert [s["shard"] for s in stats] == [0, 1, 2, 3, 4, 5]
     assert sum(s["images"] + s["failed"] for s in stats) == len(planned)
 
 
@@ -83,3 +88,42 @@ def test_two_gpu_workers_run_concurrently_on_their_own_devices(activation_world,
     assert sorted(w["cuda_visible_devices"] for w in result.workers) == ["0", "1"]
     assert sorted(g for w in result.workers for g in w["gpu_ids"]) == ["0", "1"]
     assert {s["worker"]["device"] for s in result.results} == {"cpu"}
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_wait_reachable_returns_on_a_listening_port_and_gives_up_on_a_closed_one():
+    from tasks.ray_pool import wait_reachable
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        start = time.monotonic()
+        wait_reachable(f"127.0.0.1:{server.getsockname()[1]}", 5.0)
+        assert time.monotonic() - start < 1.0
+    port = _closed_port()
+    start = time.monotonic()
+    with pytest.raises(ConnectionError, match=rf"'ray://127.0.0.1:{port}': nothing accepted a connection at 127.0.0.1:{port} within 1.5 s"):
+        wait_reachable(f"ray://127.0.0.1:{port}", 1.5)
+    assert 1.0 <= time.monotonic() - start < 3.0, "it retries until the timeout, and no longer"
+
+
+def test_unreachable_ray_address_fails_within_the_connect_timeout():
+    """In a fresh process (this one may hold a Ray already): ray.init alone would retry for many minutes."""
+    port = _closed_port()
+    code = f"from tasks.ray_pool import ray_cluster\nwith ray_cluster('127.0.0.1:{port}', connect_timeout_s=2):\n    pass\n"
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"ConnectionError: compute.ray_address = '127.0.0.1:{port}': nothing accepted a connection")
+    assert "within 2 s" in last and "ray start --head" in last and "compute.ray_connect_timeout_s" in last
+    assert elapsed < 60, f"took {elapsed:.0f} s, start-up included"

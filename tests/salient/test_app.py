@@ -1,0 +1,522 @@
+"""The annotation app: API safety and validation, concurrent answers, the reviewer page, and a real
+browser labelling pairs as two workers before `salient ingest` turns the answers into labels."""
+
+import csv
+import http.client
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from salient import activations, aggregate, builds, config, discover, metadata, models, storage, world
+from salient import plan as planmod
+from salient.app import AppSettings, check_access, create_app
+from tests.browser import broken_images, browser, console_errors, free_port, full_page_screenshot, serve_app  # noqa: F401
+from tests.helpers import make_checkpoint
+
+BUILD_ID = "20260101T000000Z-abcdef"
+PAPER_COLUMNS = [
+    "WorkerId", "Input.wordnet_id", "Input.class_index", "Input.feature_index", "Input.feature_rank",
+    "Answer.main", "Answer.confidence", "Answer.reasons",
+]
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _make_build(cfg: config.Config, out: str) -> None:
+    """Plan, activations, aggregation and discovery of the config's dataset into the build directory ``out``."""
+    weights = storage.sha256(cfg.model.checkpoint)
+    planmod.write_plan(cfg.dataset.root, out, cfg.compute.shard_size)
+    todo, _ = activations.shard_tasks(cfg.dataset.root, out, weights, cfg.model, cfg.preprocess)
+    runner = activations.ActivationRunner(cfg.model, cfg.preprocess, cfg.compute, threads=1)
+    for task in todo:
+        runner(task)
+    uris, shards_fp = activations.committed_shards(out, weights, cfg.model, cfg.preprocess)
+    net = models.load(cfg.model.checkpoint, cfg.model.arch, cfg.model.format)
+    meta = metadata.read_class_metadata(cfg.dataset.class_metadata)
+    aggregate.run(
+        aggregate.AggregateInputs(out, uris, net.fc_weight.numpy(), planmod.plan_classes(out), shards_fp, meta), cfg.aggregate
+    )
+    work, done = discover.plan_work(out, cfg.dataset.root, weights, cfg.model, cfg.preprocess, cfg.discover)
+    maker = discover.DiscoverRunner(cfg.model, cfg.preprocess, cfg.discover, threads=1)
+    records = done + [r for w in work for r in maker(w)]
+    discover.write_tasks(out, records, meta, None)
+
+
+@pytest.fixture(scope="module")
+def app_world(tmp_path_factory):
+    """A demo world (3 classes x 8 images, 32 px), a build with discovery assets under OUT/builds/<id>
+    that both pointers name, and a config file."""
+    tmp = tmp_path_factory.mktemp("annotate")
+    world.synthesize(str(tmp / "world"), classes=3, per_class=8, size=32, seed=0)
+    ckpt = make_checkpoint(tmp / "tiny.pt", num_classes=3)
+    root = str(tmp / "out")
+    cfg = config.load(None, [
+        f"dataset.root={tmp / 'world' / 'train'}", f"dataset.class_metadata={tmp / 'world' / 'classes.csv'}",
+        f"model.checkpoint={ckpt}", "model.arch=tiny_resnet", "model.format=robustness",
+        "preprocess.resize=32", "preprocess.crop=32", f"output={root}",
+        "compute.shard_size=10", "compute.gpus_per_worker=0", "aggregate.features_per_class=2",
+        "aggregate.grouping=label", "discover.images_per_pair=3", "discover.attack_steps=3",
+    ])
+    build = builds.build_dir(root, BUILD_ID)
+    _make_build(cfg, build)
+    builds.write_pointer(root, "latest", BUILD_ID)
+    builds.write_pointer(root, "current", BUILD_ID)
+    path = tmp / "salient.yaml"
+    path.write_text(config.to_yaml(cfg))
+    tasks = list(csv.DictReader(open(os.path.join(build, "discover", "tasks.csv"))))
+    classes = {int(r["class_index"]): r for r in csv.DictReader(open(tmp / "world" / "classes.csv"))}
+    return SimpleNamespace(cfg=cfg, root=root, build=build, config=str(path), tasks=tasks, classes=classes)
+
+
+def _settings(app_world, root, **kw) -> AppSettings:
+    return AppSettings(root=str(root), build=app_world.build, build_id=BUILD_ID, resize=32, crop=32, **kw)
+
+
+def _answer(task: dict, worker: str = "alice", **kw) -> dict:
+    body = {
+        "worker_id": worker, "class_index": int(task["class_index"]), "feature_index": int(task["feature_index"]),
+        "answer": "background", "confidence": 4, "reason": "the red is on the backdrop",
+    }
+    return {**body, **kw}
+
+
+def _incoming_rows(root) -> list[dict]:
+    folder = os.path.join(str(root), "annotations", "incoming")
+    rows = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.endswith(".csv"):
+            with open(os.path.join(folder, name), newline="") as fh:
+                reader = csv.DictReader(fh)
+                assert reader.fieldnames[:8] == PAPER_COLUMNS, name
+                rows += [dict(r, _file=name) for r in reader]
+    return rows
+
+
+def _write_crowd(root, rows: list[list]) -> None:
+    folder = os.path.join(str(root), "annotations", "incoming")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "crowd.csv"), "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(PAPER_COLUMNS)
+        w.writerows(rows)
+
+
+def _crowd_row(task: dict, worker: str, answer: str, confidence: int = 3, reason: str = "crowd") -> list:
+    return [worker, task["wnid"], task["class_index"], task["feature_index"], task["feature_rank"], answer, confidence, reason]
+
+
+def test_answer_lands_in_incoming_in_the_papers_columns(app_world, tmp_path):
+    client = TestClient(create_app(_settings(app_world, tmp_path)))
+    task = app_world.tasks[1]
+    r = client.post("/api/answers", json=_answer(task, reason='line one\nsays "hi", =1+1'))
+    assert r.status_code == 201, r.text
+    assert r.json()["n_answers"] == 1 and r.json()["labelled_by_you"] == 1
+    [row] = _incoming_rows(tmp_path)
+    assert row["_file"].startswith("app-") and row["_file"].endswith("-alice.csv")
+    assert (row["WorkerId"], row["Input.wordnet_id"], row["Input.class_index"], row["Input.feature_index"]) == (
+        "alice", task["wnid"], task["class_index"], task["feature_index"])
+    assert (row["Input.feature_rank"], row["Answer.main"], row["Answer.confidence"]) == (task["feature_rank"], "background", "4")
+    assert row["Answer.reasons"] == 'line one\nsays "hi", =1+1', "quotes, commas and newlines survive the CSV"
+    assert row["SubmitTime"].endswith("+00:00")
+
+    second = client.post("/api/answers", json=_answer(app_world.tasks[2], reason="=HYPERLINK()"))
+    assert second.status_code == 201
+    rows = _incoming_rows(tmp_path)
+    assert len(rows) == 2 and len({r["_file"] for r in rows}) == 1, "one file per worker, rewritten whole"
+    assert rows[1]["Answer.reasons"] == "'=HYPERLINK()", "a formula-like reason is defused for spreadsheets"
+
+
+BAD_BODIES = [
+    ("worker_id", ""), ("worker_id", "-alice"), ("worker_id", "a b"), ("worker_id", "../../etc"),
+    ("worker_id", "a/b"), ("worker_id", "x" * 65), ("worker_id", "=cmd"), ("worker_id", 7), ("worker_id", None),
+    ("class_index", -1), ("class_index", "0"), ("class_index", 0.5), ("class_index", True), ("class_index", 2**40),
+    ("feature_index", -3), ("feature_index", "1"), ("answer", "maybe"), ("answer", "Background"),
+    ("confidence", 0), ("confidence", 6), ("confidence", "3"), ("confidence", 2.5),
+    ("reason", ""), ("reason", "   \n "), ("reason", "null\x00byte"), ("reason", "x" * 2001), ("reason", 5),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), BAD_BODIES)
+def test_invalid_answers_are_422_and_write_nothing(app_world, tmp_path, field, value):
+    client = TestClient(create_app(_settings(app_world, tmp_path)))
+    r = client.post("/api/answers", json=_answer(app_world.tasks[0], **{field: value}))
+    assert r.status_code == 422, (field, value, r.text)
+    assert any(field in d["loc"] for d in r.json()["detail"]), r.json()
+    assert _incoming_rows(tmp_path) == []
+
+
+def test_unknown_pairs_extra_fields_and_non_json_are_refused(app_world, tmp_path):
+    client = TestClient(create_app(_settings(app_world, tmp_path)))
+    task = app_world.tasks[0]
+    known = {(int(t["class_index"]), int(t["feature_index"])) for t in app_world.tasks}
+    missing_feature = next(j for j in range(1000) if (int(task["class_index"]), j) not in known)
+    for body in (_answer(task, class_index=99), _answer(task, feature_index=missing_feature)):
+        r = client.post("/api/answers", json=body)
+        assert r.status_code == 422 and "not a pair of build" in r.json()["detail"][0]["msg"]
+    body = _answer(task)
+    del body["reason"]
+    assert client.post("/api/answers", json=body).status_code == 422, "a reason is required"
+    assert client.post("/api/answers", json={**_answer(task), "admin": True}).status_code == 422
+    for raw in (b"{not json", b"[1, 2]", b'"text"', b""):
+        assert client.post("/api/answers", content=raw, headers={"Content-Type": "application/json"}).status_code == 422
+    form = client.post("/api/answers", data={"worker_id": "alice"})
+    assert form.status_code == 415, "a cross-site HTML form cannot post answers"
+    assert client.get("/pairs/abc/1").status_code == 422
+    assert client.get(f"/pairs/99/{task['feature_index']}").status_code == 404
+    assert client.get("/api/progress", params={"worker_id": "../x"}).status_code == 422
+    assert _incoming_rows(tmp_path) == []
+
+
+def test_bodies_over_64_kib_are_413(app_world, tmp_path):
+    client = TestClient(create_app(_settings(app_world, tmp_path)))
+    task = app_world.tasks[0]
+    exact = json.dumps(_answer(task)).encode()
+    exact += b" " * (64 * 1024 - len(exact))
+    assert len(exact) == 65536
+    assert client.post("/api/answers", content=exact, headers={"Content-Type": "application/json"}).status_code == 201
+    over = exact + b" "
+    r = client.post("/api/answers", content=over, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
+    huge = client.post("/api/answers", content=b"{" + b" " * 10_000_000 + b"}", headers={"Content-Type": "application/json"})
+    assert huge.status_code == 413
+
+    def chunks():  # no Content-Length: the body is counted as it streams in
+        for _ in range(20):
+            yield b" " * 4096
+    streamed = client.post("/api/answers", content=chunks(), headers={"Content-Type": "application/json"})
+    assert streamed.status_code == 413
+    assert client.post("/api/answers", content=b"{}", headers={"Content-Type": "application/json", "Content-Length": "70000"}).status_code == 413
+    assert len(_incoming_rows(tmp_path)) == 1
+
+
+def _raw_get(base: str, path: str) -> tuple[int, bytes]:
+    """GET ``path`` exactly as written (no client-side normalisation of ``..`` or escapes)."""
+    host, port = base.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.putrequest("GET", path, skip_host=False, skip_accept_encoding=True)
+    conn.endheaders()
+    resp = conn.getresponse()
+    body = resp.read()
+    conn.close()
+    return resp.status, body
+
+
+def test_nothing_outside_the_build_assets_is_served(app_world, tmp_path):
+    secret = os.path.join(app_world.build, "discover", "secret.txt")
+    with open(secret, "w") as fh:
+        fh.write("SECRET-CONTENT")
+    task = app_world.tasks[0]
+    asset = f"{task['wnid']}/feature_{task['feature_index']}/images.png"
+    attempts = [
+        "/assets/../../etc/passwd", "/assets/..%2F..%2F..%2Fetc%2Fpasswd", "/assets/%2e%2e/%2e%2e/etc/passwd",
+        "/assets/%2e%2e%2f%2e%2e%2fsalient.yaml", "/assets//etc/passwd", "/assets/%2Fetc%2Fpasswd",
+        "/assets/secret.txt", f"/assets/{task['wnid']}/feature_{task['feature_index']}/assets.json",
+        f"/assets/{task['wnid']}/feature_{task['feature_index']}/../../secret.txt",
+        "/assets/" + asset.replace("/", "%5c"), "/static/../web.py", "/static/..%2fweb.py", "/static/%2e%2e/book.py",
+        "/static/../../../../etc/passwd", "/classes/..%2f..%2fsecret.txt/examples.png", "/assets/%00",
+    ]
+    try:
+        with serve_app(create_app(_settings(app_world, tmp_path))) as base:
+            ok, png = _raw_get(base, f"/assets/{asset}")
+            assert ok == 200 and png.startswith(b"\x89PNG")
+            for path in attempts:
+                status, body = _raw_get(base, path)
+                assert status in (400, 404, 422), (path, status)
+                assert b"SECRET-CONTENT" not in body and b"root:" not in body and b"import" not in body, path
+    finally:
+        os.remove(secret)
+
+
+def test_queue_refuses_repeats_and_full_pairs(app_world, tmp_path):
+    client = TestClient(create_app(_settings(app_world, tmp_path, min_answers=2)))
+    first, second = app_world.tasks[0], app_world.tasks[1]
+    url = f"/pairs/{first['class_index']}/{first['feature_index']}"
+    assert client.post("/api/answers", json=_answer(first, "alice")).status_code == 201
+    again = client.post("/api/answers", json=_answer(first, "alice", answer="main_object"))
+    assert again.status_code == 409 and "already labelled" in again.json()["detail"]
+    r = client.post("/api/answers", json=_answer(first, "bob"))
+    assert r.status_code == 201 and r.json()["n_answers"] == 2
+    assert r.json()["next"] == f"/pairs/{second['class_index']}/{second['feature_index']}"
+    full = client.post("/api/answers", json=_answer(first, "carol"))
+    assert full.status_code == 409 and "out of the queue" in full.json()["detail"]
+    carol = client.get("/api/progress", params={"worker_id": "carol"}).json()
+    assert carol["labelled_by_you"] == 0 and carol["next"] != url and carol["open"] == len(app_world.tasks) - 1
+    alice = client.get("/api/progress", params={"worker_id": "alice"}).json()
+    assert alice["labelled_by_you"] == 1 and alice["answered"] == [f"{first['class_index']}/{first['feature_index']}"]
+    rows = _incoming_rows(tmp_path)
+    assert sorted(r["WorkerId"] for r in rows) == ["alice", "bob"], "refused answers are not written"
+
+
+def test_concurrent_answers_are_all_kept(app_world, tmp_path):
+    """60 answers posted at once by 10 workers to 6 pairs needing 5 each: exactly 30 land, none lost."""
+    app = create_app(_settings(app_world, tmp_path, min_answers=5))
+    with serve_app(app) as base:
+        def post(job):
+            worker, task = job
+            req = urllib.request.Request(
+                f"{base}/api/answers", data=json.dumps(_answer(task, worker, reason=f"by {worker}")).encode(),
+                headers={"Content-Type": "application/json"}, method="POST",
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    return resp.status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        jobs = [(f"w{i}", t) for t in app_world.tasks for i in range(10)]
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            statuses = list(pool.map(post, jobs))
+    assert sorted(set(statuses)) == [201, 409] and statuses.count(201) == 5 * len(app_world.tasks)
+    rows = _incoming_rows(tmp_path)
+    assert len(rows) == statuses.count(201)
+    per_pair = {}
+    for r in rows:
+        per_pair.setdefault((r["Input.class_index"], r["Input.feature_index"]), set()).add(r["WorkerId"])
+    assert sorted(len(w) for w in per_pair.values()) == [5] * len(app_world.tasks)
+    assert all(r["Answer.reasons"] == f"by {r['WorkerId']}" for r in rows)
+
+
+def test_review_page_votes_labels_kappa_and_escaping(app_world, tmp_path):
+    a, b, c = app_world.tasks[:3]
+    _write_crowd(tmp_path, [
+        *[_crowd_row(a, f"m{i}", "main_object") for i in range(4)], _crowd_row(a, "m4", "background"),
+        _crowd_row(b, "m0", "separate_object"), *[_crowd_row(b, f"m{i}", "background") for i in range(1, 5)],
+        _crowd_row(c, "m0", "main_object", reason="<b>bold</b> & <script>alert(1)</script>"),
+        _crowd_row(c, "m1", "nonsense"),  # rejected by ingest's row check, so not counted
+    ])
+    client = TestClient(create_app(_settings(app_world, tmp_path)))
+    page = client.get("/review")
+    assert page.status_code == 200
+    html_text = page.text
+    # a: main 4, background 1 -> core; b: separate 1, background 4 -> spurious (background);
+    # kappa over a and b: P = 0.6, P_e = 0.4^2 + 0.1^2 + 0.5^2 = 0.42, kappa = 0.18 / 0.58 = 0.310.
+    assert '<b id="kappa">0.310</b>' in html_text and '<span id="kappa-pairs">2</span>' in html_text
+    assert "spurious 1, core 1, insufficient 4" in html_text
+    assert "&lt;b&gt;bold&lt;/b&gt; &amp; &lt;script&gt;alert(1)&lt;/script&gt;" in html_text
+    assert "<script>alert" not in html_text and "<b>bold" not in html_text
+    assert "1 rows of the answer files are invalid" in html_text
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert page.headers["x-content-type-options"] == "nosniff"
+
+
+def test_task_page_shows_the_class_and_its_examples(app_world, tmp_path):
+    client = TestClient(create_app(_settings(app_world, tmp_path)))
+    task = app_world.tasks[0]
+    info = app_world.classes[int(task["class_index"])]
+    page = client.get(f"/pairs/{task['class_index']}/{task['feature_index']}")
+    assert page.status_code == 200
+    for text in (info["synset"], info["gloss"], info["supercategory"], task["wnid"]):
+        assert text and text in page.text
+    for strip in discover.STRIPS:
+        assert f'src="/assets/{task["wnid"]}/feature_{task["feature_index"]}/{strip}.png"' in page.text
+    examples = client.get(f"/classes/{task['class_index']}/examples.png")
+    assert examples.status_code == 200
+    with Image.open(io.BytesIO(examples.content)) as im:
+        assert im.size == (5 * 32 + 4 * 2, 32), "five of the class's 8 images, 32 px, 2 px apart"
+    assert client.get("/classes/99/examples.png").status_code == 404
+
+
+def test_token_and_host_rules(app_world, tmp_path):
+    token = "s3cret-token-of-24-chars"
+    client = TestClient(create_app(_settings(app_world, tmp_path, token=token)))
+    task = app_world.tasks[0]
+    assert client.get("/").status_code == 401
+    assert client.post("/api/answers", json=_answer(task)).status_code == 401
+    assert client.get("/", headers={"X-Salient-Token": "wrong-token-wrong-token"}).status_code == 401
+    assert client.get("/", headers={"X-Salient-Token": token}).status_code == 200
+    assert client.post("/api/answers", json=_answer(task), headers={"Authorization": f"Bearer {token}"}).status_code == 201
+    r = client.get(f"/review?token={token}", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/review" and "httponly" in r.headers["set-cookie"].lower()
+    assert client.get("/review").status_code == 200, "the cookie carries the token from then on"
+    assert len(_incoming_rows(tmp_path)) == 1
+
+    with pytest.raises(ValueError, match="SALIENT_APP_TOKEN"):
+        check_access("0.0.0.0", None)
+    with pytest.raises(ValueError, match="at least 16"):
+        check_access("0.0.0.0", "short")
+    check_access("0.0.0.0", token)
+    check_access("127.0.0.1", None)
+    check_access("localhost", None)
+
+    guarded = TestClient(create_app(_settings(app_world, tmp_path, allowed_hosts=("127.0.0.1", "localhost"))))
+    assert guarded.get("/", headers={"Host": "evil.example"}).status_code == 400, "DNS rebinding is refused"
+    assert guarded.get("/", headers={"Host": "127.0.0.1:8000"}).status_code == 200
+
+
+def test_serve_command_refuses_open_hosts_and_unknown_builds(app_world, capsys, monkeypatch):
+    from salient import cli
+
+    monkeypatch.delenv("SALIENT_APP_TOKEN", raising=False)
+    assert cli.main(["annotate", "serve", app_world.config, "--host", "0.0.0.0"]) == 2
+    assert "--token or the environment variable SALIENT_APP_TOKEN" in capsys.readouterr().err
+    monkeypatch.setenv("SALIENT_APP_TOKEN", "short")
+    assert cli.main(["annotate", "serve", app_world.config, "--host", "0.0.0.0"]) == 2
+    assert "use at least 16" in capsys.readouterr().err
+    assert cli.main(["annotate", "serve", app_world.config, "--build", "no-such-build"]) == 2
+    assert "build 'no-such-build' does not exist" in capsys.readouterr().err
+
+
+def _wait_for_server(base: str, proc: subprocess.Popen, log: str, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"`salient annotate serve` exited with {proc.returncode}:\n{open(log).read()}")
+        try:
+            with urllib.request.urlopen(base + "/", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError(f"`salient annotate serve` did not answer within {timeout:g} s:\n{open(log).read()}")
+
+
+def _label(driver, base: str, task: dict, answer: str, confidence: int, reason: str, worker: str | None, screenshot: str | None = None) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.get(f"{base}/pairs/{task['class_index']}/{task['feature_index']}")
+    assert broken_images(driver) == [], "every strip and the class's examples load"
+    driver.find_element(By.CSS_SELECTOR, f'input[name="answer"][value="{answer}"]').click()
+    driver.find_element(By.CSS_SELECTOR, f'input[name="confidence"][value="{confidence}"]').click()
+    driver.find_element(By.ID, "reason").send_keys(reason)
+    row = driver.find_element(By.ID, "worker-row")
+    if worker is not None:
+        assert row.is_displayed(), "the worker id is asked on the first submit"
+        assert not driver.find_element(By.ID, "change-worker").is_displayed()
+        driver.find_element(By.ID, "worker-id").send_keys(worker)
+    else:
+        assert not row.is_displayed(), "the worker id is remembered in the browser"
+    if screenshot:
+        full_page_screenshot(driver, screenshot)
+    driver.find_element(By.ID, "submit").click()
+
+
+def _wait_url(driver, url: str) -> None:
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, 15).until(ec.url_to_be(url), f"expected {url}, at {driver.current_url}")
+
+
+def _wait_text(driver, element_id: str, text: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, 15).until(ec.text_to_be_present_in_element((By.ID, element_id), text))
+
+
+INJECTION = '<script>window.pwned = 1; document.title = "pwned"</script><img src="x" onerror="window.pwned = 2">it <b>is</b> red'
+
+
+def test_two_workers_label_in_a_browser_and_ingest_labels(app_world, browser, prefect_server, tmp_path):  # noqa: F811
+    from selenium.webdriver.common.by import By
+
+    root, tasks = app_world.root, app_world.tasks
+    a, b, c = tasks[:3]
+    url = lambda t: f"/pairs/{t['class_index']}/{t['feature_index']}"  # noqa: E731
+    # Three crowd answers each for the first two pairs arrive by file, beside the app's answers.
+    _write_crowd(root, [
+        _crowd_row(a, "crowd1", "background"), _crowd_row(a, "crowd2", "background"), _crowd_row(a, "crowd3", "main_object"),
+        _crowd_row(b, "crowd1", "main_object"), _crowd_row(b, "crowd2", "separate_object"), _crowd_row(b, "crowd3", "separate_object"),
+    ])
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = str(tmp_path / "serve.log")
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    env.pop("SALIENT_APP_TOKEN", None)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "salient.cli", "annotate", "serve", app_world.config, "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+        )
+    screenshot = os.path.join(ROOT, "docs", "annotate-task.png") if os.environ.get("SALIENT_WRITE_SCREENSHOTS") == "1" else str(tmp_path / "annotate-task.png")
+    os.makedirs(os.path.dirname(screenshot), exist_ok=True)
+    driver = browser
+    try:
+        _wait_for_server(base, proc, log)
+        driver.get(base + "/")
+        console_errors(driver)
+        _wait_text(driver, "progress", f"{len(tasks)} of {len(tasks)} pairs need answers")
+        driver.find_element(By.ID, "start").click()
+        _wait_url(driver, base + url(a))
+
+        _label(driver, base, a, "background", 4, "the red covers the textured backdrop", "alice", screenshot)
+        _wait_url(driver, base + url(b))
+        _label(driver, base, b, "separate_object", 3, "a small object beside the shape", None)
+        _wait_url(driver, base + url(c))
+        _label(driver, base, c, "main_object", 5, "the shape itself", None)
+        _wait_url(driver, base + url(tasks[3]))
+        _wait_text(driver, "progress", f"3 of {len(tasks)} labelled by you")
+        _wait_text(driver, "worker-name", "alice")
+
+        driver.find_element(By.ID, "change-worker").click()
+        _wait_text(driver, "worker-name", "not set")
+        _label(driver, base, a, "main_object", 2, INJECTION, "bob")
+        _wait_url(driver, base + url(b))  # a now has 5 answers and is out of the queue
+        _label(driver, base, b, "main_object", 3, "the whole shape lights up", None)
+        _wait_url(driver, base + url(c))
+        _label(driver, base, c, "background", 1, "hard to say, mostly backdrop", None)
+        _wait_url(driver, base + url(tasks[3]))
+        _wait_text(driver, "progress", f"3 of {len(tasks)} labelled by you")
+
+        driver.get(base + "/")
+        _wait_text(driver, "progress", f"3 of {len(tasks)} labelled by you")
+        row_a = driver.find_element(By.CSS_SELECTOR, f'tr[data-pair="{a["class_index"]}/{a["feature_index"]}"]')
+        assert "done" in row_a.get_attribute("class") and "5 / 5" in row_a.text and "labelled" in row_a.text
+
+        driver.get(base + "/review")
+        row = driver.find_element(By.CSS_SELECTOR, f'tr[data-pair="{a["class_index"]}/{a["feature_index"]}"]')
+        shown = [e.text for e in row.find_elements(By.CSS_SELECTOR, ".reason")]
+        assert INJECTION in shown, "the reason is shown as the text it is"
+        assert driver.execute_script("return window.pwned === undefined && document.querySelectorAll('img[src=\"x\"], .reason script, .reason b').length === 0")
+        assert driver.title != "pwned"
+        # a: background, background, main (crowd) + alice background + bob main; b: main, separate,
+        # separate (crowd) + alice separate + bob main. Kappa over a [2, 0, 3] and b [2, 3, 0]:
+        # P = 0.4, P_e = 0.4^2 + 0.3^2 + 0.3^2 = 0.34, kappa = 0.06 / 0.66 = 0.091.
+        assert driver.find_element(By.ID, "kappa").text == "0.091"
+        assert console_errors(driver) == []
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    with Image.open(screenshot) as im:
+        assert im.size[0] >= 1000
+    rows = [r for r in _incoming_rows(root) if r["_file"].startswith("app-")]
+    got = sorted((r["WorkerId"], r["Input.class_index"], r["Input.feature_index"], r["Input.wordnet_id"], r["Answer.main"], r["Answer.confidence"], r["Answer.reasons"]) for r in rows)
+    want = sorted([
+        ("alice", a["class_index"], a["feature_index"], a["wnid"], "background", "4", "the red covers the textured backdrop"),
+        ("alice", b["class_index"], b["feature_index"], b["wnid"], "separate_object", "3", "a small object beside the shape"),
+        ("alice", c["class_index"], c["feature_index"], c["wnid"], "main_object", "5", "the shape itself"),
+        ("bob", a["class_index"], a["feature_index"], a["wnid"], "main_object", "2", INJECTION),
+        ("bob", b["class_index"], b["feature_index"], b["wnid"], "main_object", "3", "the whole shape lights up"),
+        ("bob", c["class_index"], c["feature_index"], c["wnid"], "background", "1", "hard to say, mostly backdrop"),
+    ])
+    assert got == want
+
+    from salient import cli
+
+    assert cli.main(["ingest", app_world.config]) == 0
+    labels_uri = storage.join(builds.resolve(root, pointer="current"), "annotations", "labels.parquet")
+    labels = {(r["class_index"], r["feature_index"]): r for r in storage.read_parquet(labels_uri).to_pylist()}
+    key = lambda t: (int(t["class_index"]), int(t["feature_index"]))  # noqa: E731
+    assert (labels[key(a)]["votes_main_object"], labels[key(a)]["votes_separate_object"], labels[key(a)]["votes_background"]) == (2, 0, 3)
+    assert (labels[key(a)]["label"], labels[key(a)]["kind"]) == ("spurious", "background")
+    assert (labels[key(b)]["votes_main_object"], labels[key(b)]["votes_separate_object"], labels[key(b)]["votes_background"]) == (2, 3, 0)
+    assert (labels[key(b)]["label"], labels[key(b)]["kind"]) == ("spurious", "separate_object")
+    assert (labels[key(c)]["n_answers"], labels[key(c)]["label"]) == (2, "insufficient")
+    assert all(labels[key(t)]["label"] == "insufficient" and labels[key(t)]["n_answers"] == 0 for t in tasks[3:])

@@ -1,0 +1,136 @@
+"""Hostile and broken answer CSVs (wrong encodings, byte-order marks, binary data, huge fields that
+hide rows) and formula-looking cells in the task CSVs given to spreadsheet users."""
+
+import csv
+import io
+
+import pytest
+
+from salient import discover, ingest, storage
+from salient.metadata import ClassInfo
+
+HEADER = ["WorkerId", "Input.wordnet_id", "Input.class_index", "Input.feature_index", "Input.feature_rank",
+          "Answer.main", "Answer.confidence", "Answer.reasons"]
+CLASSES = {0: "n01440764", 1: "n01443537"}
+
+
+def answer(worker: str, j: int = 7, main: str = "main_object", reason: str = "fins") -> list[str]:
+    return [worker, "n01440764", "0", str(j), "1", main, "4", reason]
+
+
+def csv_text(rows: list[list[str]]) -> str:
+    buf = io.StringIO(newline="")
+    csv.writer(buf, lineterminator="\r\n").writerows([HEADER, *rows])
+    return buf.getvalue()
+
+
+def rejected(out: str) -> list[dict]:
+    return storage.read_parquet(storage.join(out, ingest.REJECTED_TABLE)).to_pylist()
+
+
+def labels(out: str) -> dict[tuple[int, int], dict]:
+    rows = storage.read_parquet(storage.join(out, ingest.LABELS_TABLE)).to_pylist()
+    return {(r["class_index"], r["feature_index"]): r for r in rows}
+
+
+def test_wrong_encodings_are_rejected_whole_with_what_to_do(tmp_path):
+    good_rows = [answer(f"w{i}") for i in range(5)]
+    text = csv_text([answer("x", j=9, reason="café")])
+    files = {
+        "good.csv": csv_text(good_rows).encode("utf-8"),
+        "bom.csv": csv_text([answer(f"b{i}", j=8) for i in range(5)]).encode("utf-8-sig"),
+        "utf16.csv": text.encode("utf-16"),
+        "utf16le.csv": text.encode("utf-16-le"),
+        "utf32.csv": text.encode("utf-32"),
+        "latin1.csv": text.encode("latin-1"),
+        "picture.csv": b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR",
+    }
+    uris = []
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        uris.append(str(tmp_path / name))
+    out = str(tmp_path / "out")
+    summary = ingest.ingest(out, uris, CLASSES)
+
+    got = {storage.basename(r["file"]): (r["line"], r["reason_kind"], r["reason"]) for r in rejected(out)}
+    assert set(got) == {"utf16.csv", "utf16le.csv", "utf32.csv", "latin1.csv", "picture.csv"}
+    assert all(line == 0 and kind == "unreadable_file" for line, kind, _ in got.values())
+    assert all("save it as UTF-8 CSV" in why and "no row of this file was used" in why for _, _, why in got.values())
+    assert got["utf16.csv"][2].startswith("the file is UTF-16 (it starts with a UTF-16 byte-order mark)")
+    assert got["utf32.csv"][2].startswith("the file is UTF-32")
+    assert got["utf16le.csv"][2].startswith("byte 1 (line 1) is a NUL byte")
+    # "café" is on the second line; its é is one byte in Latin-1
+    offset = text.encode("latin-1").index("é".encode("latin-1"))
+    assert got["latin1.csv"][2].startswith(f"byte {offset} (line 2) is not UTF-8")
+    assert "is a NUL byte: the file is binary" in got["picture.csv"][2]
+
+    # the UTF-8 byte-order mark is accepted: its header's first column is WorkerId, not "\ufeffWorkerId"
+    assert {k: v["n_answers"] for k, v in labels(out).items()} == {(0, 7): 5, (0, 8): 5}
+    assert (summary["files"], summary["accepted"], summary["rejected"]) == (7, 10, 5)
+
+
+def test_a_huge_field_cannot_smuggle_rows(tmp_path):
+    fake = "\r\n".join(",".join(answer(f"fake{i}", main="background")) for i in range(5))
+    padding = "x" * (ingest.MAX_FIELD_CHARS + 10)
+    rows = [answer("w0"), answer("w1", reason=f"{padding}\r\n{fake}\r\n"), *(answer(f"w{i}") for i in range(2, 6))]
+    path = tmp_path / "a.csv"
+    path.write_text(csv_text(rows), encoding="utf-8", newline="")
+    limit = csv.field_size_limit()
+    out = str(tmp_path / "out")
+    summary = ingest.ingest(out, [str(path)], CLASSES)
+
+    assert csv.field_size_limit() == limit
+    [bad] = rejected(out)
+    assert (bad["line"], bad["reason_kind"]) == (3, "field_too_large")
+    assert f"longer than {ingest.MAX_FIELD_CHARS:,} characters" in bad["reason"]
+    answers = storage.read_parquet(storage.join(out, ingest.ANSWERS_TABLE)).to_pylist()
+    assert sorted(a["worker_id"] for a in answers) == ["w0", "w2", "w3", "w4", "w5"], "rows inside the field were read as rows"
+    # the five answers after the field keep their own line numbers: the field's text spans 7 lines
+    assert [a["line"] for a in answers] == [2, 10, 11, 12, 13]
+    assert labels(out)[(0, 7)]["label"] == "core" and summary["accepted"] == 5
+
+
+def test_an_unterminated_huge_field_rejects_its_file_only(tmp_path):
+    good = tmp_path / "good.csv"
+    good.write_text(csv_text([answer(f"w{i}") for i in range(5)]), encoding="utf-8", newline="")
+    broken = tmp_path / "broken.csv"
+    broken.write_text(csv_text([answer("v0")]) + 'v1,n01440764,0,7,1,main_object,4,"' + "y" * (ingest.MAX_FIELD_CHARS + 10) + "\r\n",
+                      encoding="utf-8", newline="")
+    out = str(tmp_path / "out")
+    summary = ingest.ingest(out, [str(good), str(broken)], CLASSES)
+    [bad] = rejected(out)
+    assert (storage.basename(bad["file"]), bad["reason_kind"]) == ("broken.csv", "unreadable_file")
+    assert "unexpected end of data" in bad["reason"]
+    assert summary["accepted"] == 5
+
+
+@pytest.mark.parametrize("cell", [
+    "=1+1", "+1", "-1", "@SUM(A1:A2)", "\t=1", "\r=1", "=HYPERLINK(\"http://x\",\"y\")",
+    " =1+1", "  @x", "\n=1", " \n-cmd",
+])
+def test_formula_looking_cells_are_neutralised(cell):
+    assert discover.csv_safe(cell) == "'" + cell
+
+
+@pytest.mark.parametrize("cell", ["fish", "a=b", "n01440764", "", " fish", "'=already quoted", 3, -3, 2.5, None])
+def test_other_cells_are_left_alone(cell):
+    assert discover.csv_safe(cell) == cell
+
+
+def test_tasks_csv_round_trips_hostile_metadata_as_text(tmp_path):
+    hostile = ClassInfo(0, "n01440764", '=HYPERLINK("http://x","click")', '+1 and "quoted", with\nnewline', "@SUM(A1)")
+    plain = ClassInfo(1, "n01443537", "goldfish", "a fish", "-fish")
+    records = [
+        {"class_index": c.class_index, "wnid": c.wnid, "feature_index": 3, "feature_rank": 1,
+         "files": {s: f"{c.wnid}/feature_3/{s}.png" for s in discover.STRIPS}, "image_ids": [4, 2]}
+        for c in (hostile, plain)
+    ]
+    out = str(tmp_path / "out")
+    uri = discover.write_tasks(out, records, [hostile, plain], base_url=" =http://evil")
+    rows = list(csv.DictReader(io.StringIO(storage.read_bytes(uri).decode("utf-8"), newline="")))
+    assert [r["class_name"] for r in rows] == ["'" + hostile.name, "goldfish"]
+    assert rows[0]["definition"] == "'" + hostile.definition
+    assert [r["supercategory"] for r in rows] == ["'@SUM(A1)", "'-fish"]
+    assert rows[0]["images_url"] == "' =http://evil/n01440764/feature_3/images.png"
+    for r in rows:
+        assert not any(v.lstrip(" \n").startswith(("=", "+", "-", "@", "\t", "\r")) for v in r.values())
