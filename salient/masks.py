@@ -10,11 +10,15 @@ rebuilt.
 Rows are ordered by image, so each work block (one Zarr shard, one writer) decodes an image and
 runs the model on it once for all of its features; only an image whose masks straddle a shard
 boundary is read by two blocks.
+
+Each pair's NAMs are kept in the output root's cache under a key of the model, preprocessing and
+the pair's top images, so a later build that labels one more pair runs the model only on that
+pair's images; every other mask is rebuilt from its cached NAM.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -23,12 +27,12 @@ import torch
 import zarr
 from zarr.codecs import ZstdCodec
 
-from salient import images, models, nam, storage
+from salient import builds, images, models, nam, storage
 from salient.aggregate import TOPK_CLASS_TABLE
 from salient.config import GeneralizeConfig, ModelConfig, PreprocessConfig
 from salient.ingest import LABELS_TABLE
 
-CODE_VERSION = "generalize-1"
+CODE_VERSION = "generalize-2"
 DIRNAME = "masks"
 INDEX_TABLE = "masks/index.parquet"
 ZARR_PATH = "masks/masks.zarr"
@@ -65,9 +69,17 @@ def plan_rows(out: str, cfg: GeneralizeConfig) -> pa.Table:
     return rows.select(list(INDEX_COLUMNS))
 
 
+NAMS_STAGE = "masks-nams"
+NAMS_FILE = "nams.parquet"
+
+
 @dataclass
 class MaskBlock:
-    """Rows [start, start + len) of the mask array: exactly one Zarr shard, written by one worker."""
+    """Rows [start, start + len) of the mask array: exactly one Zarr shard, written by one worker.
+
+    ``cached`` holds the low-resolution NAM (``h*w`` floats, ``nam_shape``) of rows whose pair's
+    NAMs are cached, by position in the block; the model runs only for the other rows.
+    """
 
     index: int
     start: int
@@ -76,6 +88,58 @@ class MaskBlock:
     root: str
     out: str
     fingerprint: str
+    cached: dict[int, list[float]] = field(default_factory=dict)
+    nam_shape: tuple[int, int] | None = None
+
+
+def pair_keys(rows: pa.Table, stage_fp: str) -> dict[tuple[int, int], str]:
+    """The NAM cache key of every pair in ``rows``: the stage and the pair's images with their activations."""
+    by_pair: dict[tuple[int, int], list[tuple[int, str, float]]] = {}
+    cols = rows.select(["class_index", "feature_index", "rank", "relpath", "activation"]).to_pydict()
+    for c, j, rank, rel, act in zip(*cols.values()):
+        by_pair.setdefault((c, j), []).append((rank, rel, act))
+    return {pair: storage.fingerprint(NAMS_STAGE, stage_fp, pair, sorted(v)) for pair, v in by_pair.items()}
+
+
+def cached_nams(cache_root: str, rows: pa.Table, keys: dict[tuple[int, int], str]) -> tuple[dict[int, list[float]], tuple[int, int] | None]:
+    """The cached NAM of every row whose pair is cached (by row number), and the NAMs' shape."""
+    out: dict[int, list[float]] = {}
+    shape = None
+    cols = rows.select(["row", "class_index", "feature_index", "relpath"]).to_pydict()
+    wanted: dict[tuple[int, int], dict[str, int]] = {}
+    for row, c, j, rel in zip(*cols.values()):
+        wanted.setdefault((c, j), {})[rel] = row
+    for pair, rels in wanted.items():
+        marker = builds.read_entry(cache_root, NAMS_STAGE, keys[pair])
+        if marker is None:
+            continue
+        shape = (marker["nam_h"], marker["nam_w"])
+        table = storage.read_parquet(builds.cache(cache_root, NAMS_STAGE, keys[pair], NAMS_FILE)).to_pydict()
+        for rel, low in zip(table["relpath"], table["nam"]):
+            out[rels[rel]] = low
+    return out, shape
+
+
+def cache_pair_nams(cache_root: str, out: str, rows: pa.Table, keys: dict[tuple[int, int], str], n_blocks: int) -> list[str]:
+    """Keep the NAMs of every pair in ``rows`` not cached yet, from the build's committed blocks;
+    returns the cache entries of all the pairs."""
+    missing = {pair for pair, key in keys.items() if builds.read_entry(cache_root, NAMS_STAGE, key) is None}
+    if missing:
+        lows = pa.concat_tables([storage.read_parquet(block_nams(out, k)) for k in range(n_blocks)]).sort_by("row")
+        meta = storage.read_json(block_marker(out, 0))
+        cols = rows.select(["class_index", "feature_index", "relpath"]).to_pydict()
+        per_pair: dict[tuple[int, int], tuple[list[str], list]] = {}
+        for (c, j, rel), low in zip(zip(*cols.values()), lows.column("nam").to_pylist()):
+            if (c, j) in missing:
+                rels, values = per_pair.setdefault((c, j), ([], []))
+                rels.append(rel)
+                values.append(low)
+        width = meta["nam_h"] * meta["nam_w"]
+        for pair, (rels, values) in per_pair.items():
+            table = pa.table({"relpath": rels, "nam": pa.array(values, pa.list_(pa.float32(), width))})
+            storage.write_parquet(builds.cache(cache_root, NAMS_STAGE, keys[pair], NAMS_FILE), table, keys[pair])
+            builds.commit_entry(cache_root, NAMS_STAGE, keys[pair], {"files": [NAMS_FILE], "nam_h": meta["nam_h"], "nam_w": meta["nam_w"]})
+    return [f"{NAMS_STAGE}/{key}" for key in keys.values()]
 
 
 def block_marker(out: str, index: int) -> str:
@@ -86,13 +150,18 @@ def block_nams(out: str, index: int) -> str:
     return storage.join(out, BLOCKS, f"block-{index:05d}.parquet")
 
 
-def plan_blocks(rows: pa.Table, root: str, out: str, shard: int, stage_fp: str) -> list[MaskBlock]:
+def plan_blocks(
+    rows: pa.Table, root: str, out: str, shard: int, stage_fp: str,
+    cached: dict[int, list[float]] | None = None, nam_shape: tuple[int, int] | None = None,
+) -> list[MaskBlock]:
     rels = rows.column("relpath").to_pylist()
     feats = rows.column("feature_index").to_pylist()
+    cached = cached or {}
     blocks = []
     for k, start in enumerate(range(0, len(rels), shard)):
         r, f = rels[start : start + shard], feats[start : start + shard]
-        blocks.append(MaskBlock(k, start, r, f, root, out, storage.fingerprint(stage_fp, start, r, f)))
+        mine = {i - start: cached[i] for i in range(start, start + len(r)) if i in cached}
+        blocks.append(MaskBlock(k, start, r, f, root, out, storage.fingerprint(stage_fp, start, r, f), mine, nam_shape))
     return blocks
 
 
@@ -118,13 +187,21 @@ class MaskRunner:
     def __call__(self, block: MaskBlock) -> dict:
         fs, root = storage.url_to_fs(block.root)
         crop = self.preprocess.crop
-        order: list[str] = list(dict.fromkeys(block.relpaths))  # distinct images, first-seen order
-        position = {r: i for i, r in enumerate(order)}
         out_masks = np.zeros((len(block.relpaths), crop, crop), np.uint8)
         lows: list[np.ndarray | None] = [None] * len(block.relpaths)
+        if block.cached:
+            assert block.nam_shape is not None
+            positions = sorted(block.cached)
+            low = torch.tensor([block.cached[i] for i in positions], dtype=torch.float32).reshape(len(positions), *block.nam_shape)
+            up = nam.to_uint8(nam.upsample(low, crop).clamp_(0, 1).numpy())
+            for k, i in enumerate(positions):
+                out_masks[i], lows[i] = up[k], low[k].numpy()
         rows_of: dict[str, list[int]] = {}
         for i, r in enumerate(block.relpaths):
-            rows_of.setdefault(r, []).append(i)
+            if i not in block.cached:
+                rows_of.setdefault(r, []).append(i)
+        order: list[str] = list(rows_of)  # distinct images still to run, first-seen order
+        position = {r: i for i, r in enumerate(order)}
         for s in range(0, len(order), self.batch_size):
             chunk = order[s : s + self.batch_size]
             x = torch.stack([
@@ -143,13 +220,16 @@ class MaskRunner:
         arr = open_array(block.out, mode="r+")
         arr[block.start : block.start + len(block.relpaths)] = out_masks
         h, w = lows[0].shape
-        flat = np.stack(lows).reshape(len(lows), h * w).astype(np.float16)
+        flat = np.stack(lows).reshape(len(lows), h * w).astype(np.float32)
         table = pa.table({
             "row": pa.array(np.arange(block.start, block.start + len(lows)), pa.int64()),
-            "nam": pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel(), pa.float16()), h * w),
+            "nam": pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel(), pa.float32()), h * w),
         })
         storage.write_parquet(block_nams(block.out, block.index), table, block.fingerprint)
-        summary = {"block": block.index, "masks": len(lows), "images": len(order), "nam_h": h, "nam_w": w, "fingerprint": block.fingerprint}
+        summary = {
+            "block": block.index, "masks": len(lows), "images": len(order), "inferred_masks": len(lows) - len(block.cached),
+            "nam_h": h, "nam_w": w, "fingerprint": block.fingerprint,
+        }
         storage.write_json(block_marker(block.out, block.index), summary)
         return summary
 
@@ -163,12 +243,15 @@ def index_fingerprint(stage_fp: str, rows: pa.Table) -> str:
     return storage.fingerprint(stage_fp, rows.select(list(INDEX_COLUMNS)).to_pydict())
 
 
-def prepare(out: str, root: str, rows: pa.Table, crop: int, cfg: GeneralizeConfig, stage_fp: str) -> tuple[list[MaskBlock], int, str]:
+def prepare(
+    out: str, root: str, rows: pa.Table, crop: int, cfg: GeneralizeConfig, stage_fp: str,
+    cached: dict[int, list[float]] | None = None, nam_shape: tuple[int, int] | None = None,
+) -> tuple[list[MaskBlock], int, str]:
     """Create (or keep) the mask array for ``rows``; returns the blocks still to compute, the number
-    of blocks, and the index fingerprint."""
+    of blocks, and the index fingerprint. ``cached``: known NAMs by row (see :func:`cached_nams`)."""
     n = rows.num_rows
     store_fp = storage.fingerprint(stage_fp, rows.column("relpath").to_pylist(), rows.column("feature_index").to_pylist())
-    blocks = plan_blocks(rows, root, out, cfg.masks_per_shard, stage_fp)
+    blocks = plan_blocks(rows, root, out, cfg.masks_per_shard, stage_fp, cached, nam_shape)
     try:
         arr = open_array(out, mode="r")
         keep = arr.attrs.get("salient.fingerprint") == store_fp and arr.shape == (n, crop, crop)
@@ -193,7 +276,12 @@ def write_index(out: str, rows: pa.Table, n_blocks: int, index_fp: str) -> None:
     if nams is not None and nams.column("row").to_pylist() != rows.column("row").to_pylist():
         raise ValueError("mask blocks do not cover the planned rows; rerun `salient generalize CONFIG`")
     meta = storage.read_json(block_marker(out, 0)) if n_blocks else {"nam_h": 0, "nam_w": 0}
-    nam_col = nams.column("nam") if nams is not None else pa.array([], pa.list_(pa.float16(), 1))
+    if nams is not None:
+        width = meta["nam_h"] * meta["nam_w"]
+        values = np.asarray(nams.column("nam").combine_chunks().flatten(), np.float32).astype(np.float16)
+        nam_col = pa.FixedSizeListArray.from_arrays(pa.array(values, pa.float16()), width)
+    else:
+        nam_col = pa.array([], pa.list_(pa.float16(), 1))
     table = rows.append_column("nam", nam_col)
     table = table.append_column("nam_h", pa.array(np.full(rows.num_rows, meta["nam_h"]), pa.int32()))
     table = table.append_column("nam_w", pa.array(np.full(rows.num_rows, meta["nam_w"]), pa.int32()))

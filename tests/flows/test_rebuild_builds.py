@@ -44,29 +44,31 @@ def pipeline(tmp_path):
     return cfg, _write_config(cfg, str(tmp_path / "salient.yaml"))
 
 
+def _answer(root: str, name: str, pair: dict) -> None:
+    """One more worker's answer for ``pair``, dropped where late answers arrive."""
+    row = ["late-worker", pair["wnid"], pair["class_index"], pair["feature_index"], pair["feature_rank"], "background", "4", "the backdrop"]
+    header = "WorkerId,Input.wordnet_id,Input.class_index,Input.feature_index,Input.feature_rank,Answer.main,Answer.confidence,Answer.reasons\n"
+    storage.write_bytes_atomic(storage.join(builds.incoming(root), name), (header + ",".join(map(str, row)) + "\n").encode())
+
+
 def test_rebuilds_reuse_everything_then_only_what_changed(pipeline, ray_session, prefect_server, browser, capsys):  # noqa: F811
     from flows.rebuild import rebuild_flow
 
     cfg, path = pipeline
+    cfg.annotations.min_answers = 6  # the 5 simulated answers per pair are not enough: every pair is pending
     root = cfg.output
     t0 = time.perf_counter()
     first = rebuild_flow(cfg)
     t_first = time.perf_counter() - t0
     assert first["published"] and builds.read_pointer(root, "latest") == first["build_id"]
     manifest = storage.read_json(storage.join(first["build"], builds.MANIFEST))
-    assert manifest["counts"]["images"] == 24 and manifest["counts"]["pairs"] == 6
-    assert manifest["counts"]["spurious_pairs"] + manifest["counts"]["core_pairs"] + manifest["counts"]["pending_pairs"] == 6
+    counts = manifest["counts"]
+    assert (counts["images"], counts["pairs"], counts["pending_pairs"], counts["masks"]) == (24, 6, 6, 0)
     assert set(manifest["seconds"]) == set(first["stages"]) and manifest["software"]["salient"]
-    assert "pairs.parquet" in manifest["tables"] and "masks/index.parquet" in manifest["tables"]
-    for table in ("pairs.parquet", "annotations/labels.parquet", "masks/index.parquet", "evaluation/summary.parquet"):
+    assert {"pairs.parquet", "annotations/labels.parquet", "masks/index.parquet"} <= set(manifest["tables"])
+    assert os.path.exists(os.path.join(first["build"], "discover", "tasks.csv")), "pending pairs keep their tasks"
+    for table in ("pairs.parquet", "annotations/labels.parquet", "masks/index.parquet"):
         assert storage.parquet_metadata(storage.join(first["build"], table))["build_id"] == first["build_id"]
-
-    # the report, opened in a real browser: every picture loads
-    browser.get("file://" + first["stages"]["report"]["report"])
-    n_images = browser.execute_script("return document.images.length;")
-    labelled = manifest["counts"]["spurious_pairs"] + manifest["counts"]["core_pairs"]
-    assert n_images >= 6 * 3 + labelled + 1, "three strips per pair, a mask strip per labelled pair, a chart"
-    assert broken_images(browser) == []
 
     t0 = time.perf_counter()
     second = rebuild_flow(cfg)
@@ -76,35 +78,51 @@ def test_rebuilds_reuse_everything_then_only_what_changed(pipeline, ray_session,
     stages = second["stages"]
     assert stages["activations"]["computed_shards"] == 0
     assert (stages["discover"]["made"], stages["discover"]["reused"]) == (0, 6)
-    assert stages["generalize"]["computed_blocks"] == 0
-    assert stages["evaluate"]["reused"] == 1
-    for table in ("pairs.parquet", "masks/index.parquet"):
+    assert stages["generalize"]["inferred_masks"] == 0
+    for table in ("pairs.parquet", "annotations/labels.parquet"):
         a, b = (storage.read_parquet(storage.join(r["build"], table)) for r in (first, second))
         assert a.equals(b)
-    # published builds stay as they were
-    assert storage.read_json(storage.join(first["build"], builds.MANIFEST)) == manifest
+    assert storage.read_json(storage.join(first["build"], builds.MANIFEST)) == manifest, "published builds stay as they were"
+
+    # a sixth answer arrives for one pair, then for another: only the new pair's images go through the model
+    pairs = storage.read_parquet(storage.join(second["build"], "pairs.parquet")).to_pylist()
+    _answer(root, "late-1.csv", pairs[0])
+    third = rebuild_flow(cfg)
+    gen = third["stages"]["generalize"]
+    assert (gen["masks"], gen["inferred_masks"]) == (4, 4) and third["stages"]["ingest"]["insufficient"] == 5
+    assert third["stages"]["activations"]["computed_shards"] == 0 and third["stages"]["discover"]["made"] == 0
+    _answer(root, "late-2.csv", pairs[3])
+    fourth = rebuild_flow(cfg)
+    gen = fourth["stages"]["generalize"]
+    assert (gen["masks"], gen["inferred_masks"]) == (8, 4)
+    assert fourth["stages"]["evaluate"]["reused"] == 0
+
+    # the report of the last build, opened in a real browser: every picture loads
+    browser.get("file://" + fourth["stages"]["report"]["report"])
+    assert browser.execute_script("return document.images.length;") >= 6 * 3 + 2 + 1, "3 strips a pair, 2 mask strips, a chart"
+    assert broken_images(browser) == []
 
     # one more image in class 1: only that class's shard is computed again
     wnid = world.wnid_of(1)
     src = sorted(glob.glob(f"{cfg.dataset.root}/{wnid}/*.JPEG"))[0]
     with open(src, "rb") as fh, open(f"{cfg.dataset.root}/{wnid}/{wnid}_99999.JPEG", "wb") as out:
         out.write(fh.read())
-    third = rebuild_flow(cfg, ["activations"])
-    assert third["stages"]["activations"]["computed_shards"] == 1 and third["stages"]["activations"]["images"] == 25
+    fifth = rebuild_flow(cfg, ["activations"])
+    assert fifth["stages"]["activations"]["computed_shards"] == 1 and fifth["stages"]["activations"]["images"] == 25
 
     # a new checkpoint: every shard again
     cfg.model.checkpoint = make_checkpoint(os.path.join(os.path.dirname(root), "other.pt"), num_classes=3, seed=1)
-    fourth = rebuild_flow(cfg, ["activations"])
-    assert fourth["stages"]["activations"]["computed_shards"] == fourth["stages"]["activations"]["shards"] == 3
+    sixth = rebuild_flow(cfg, ["activations"])
+    assert sixth["stages"]["activations"]["computed_shards"] == sixth["stages"]["activations"]["shards"] == 3
 
     capsys.readouterr()
     assert cli.main(["builds", root]) == 0
     listing = capsys.readouterr().out
-    assert f"{second['build_id']}  complete" in listing and "latest" in listing and "unfinished" in listing
+    assert f"{fourth['build_id']}  complete" in listing and "latest" in listing and "unfinished" in listing
     assert cli.main(["gc", root, "--keep", "1"]) == 0
-    assert builds.read_pointer(root, "latest") == second["build_id"]
-    assert not os.path.exists(first["build"]) and os.path.exists(second["build"])
-    assert os.path.exists(storage.join(builds.incoming(root), "simulated.csv")), "gc never touches answers"
+    assert builds.read_pointer(root, "latest") == fourth["build_id"]
+    assert not os.path.exists(first["build"]) and os.path.exists(fourth["build"])
+    assert sorted(os.listdir(builds.incoming(root))) == ["late-1.csv", "late-2.csv", "simulated.csv"], "gc never touches answers"
 
 
 def _spawn(path: str, log: str) -> subprocess.Popen:
