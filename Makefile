@@ -28,7 +28,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/salient demo --out demo-out
 
+# The browser tests drive Debian's chromium through its chromium-driver; they are installed when missing.
 test: $(STAMP)
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing chromium and chromium-driver for the browser tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else \
+	    echo "make test: the browser tests need /usr/bin/chromium and /usr/bin/chromedriver;" \
+	      "install them with: sudo apt-get install -y chromium chromium-driver" >&2; \
+	  fi; \
+	fi
 	$(BIN)/python -m pytest -q --durations=15
 
 bench: $(STAMP)
@@ -36,6 +46,8 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.activations
 	$(BIN)/python -m benchmarks.aggregate
 	$(BIN)/python -m benchmarks.masks
+	$(BIN)/python -m benchmarks.scale
+	$(BIN)/python -m benchmarks.stages
 
 clean:
 	rm -rf demo-out .pytest_cache

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from salient import plan
 from salient.cli import LOCAL_ENV_DEFAULTS
 
 for _key, _value in LOCAL_ENV_DEFAULTS.items():
@@ -55,3 +56,9 @@ def save(name: str, result: dict, markdown: str) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown)
     print(markdown)
+
+
+def one_shard(root: Path) -> plan.Shard:
+    """Every image under the ImageFolder ``root`` as one shard (the stage cuts shards per class)."""
+    cols = plan.list_images(str(root)).table.to_pydict()
+    return plan.Shard(0, cols["relpath"], cols["image_id"], cols["label"], cols["bytes"])

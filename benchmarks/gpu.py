@@ -19,14 +19,13 @@ import numpy as np
 import torch
 import torchvision
 
-from benchmarks.common import environment, save, write_photo_folder
+from benchmarks.common import environment, one_shard, save, write_photo_folder
 from salient import activations, models, plan
 from salient.config import ComputeConfig, ModelConfig, PreprocessConfig
 
 
 def _run(root: Path, out: Path, ckpt: str, device: str, precision: str, batch: int, threads: int, limit: int | None = None) -> tuple[dict, np.ndarray]:
-    table = plan.cut_shards(plan.list_images(str(root)), shard_size=10**9)
-    (shard,) = plan.shards_of(table)
+    shard = one_shard(root)
     if limit is not None:
         shard = plan.Shard(0, shard.relpaths[:limit], shard.image_ids[:limit], shard.labels[:limit], shard.sizes[:limit])
     runner = activations.ActivationRunner(
