@@ -3,7 +3,7 @@
 A shard writes ``activations/part-NNNNN.parquet`` (the table only) and then
 ``activations/part-NNNNN.json`` (its stats and failure list). The JSON is the commit marker: a shard
 is done when its JSON exists and names the shard's fingerprint (model weights, preprocessing, this
-stage's code version, and the shard's files with their sizes).
+stage's code version, and the shard's files with their sizes and ETags or modification times).
 
 Shard results are also kept in the output root's cache under a content key (the same inputs,
 without the shard's number or image ids), so a later build with the same files in a shard copies
@@ -47,12 +47,12 @@ def stage_fingerprint(weights_sha256: str, model: ModelConfig, preprocess: Prepr
 
 
 def shard_fingerprint(stage: str, shard: planmod.Shard) -> str:
-    return storage.fingerprint(stage, shard.index, shard.relpaths, shard.sizes, shard.image_ids, shard.labels)
+    return storage.fingerprint(stage, shard.index, shard.relpaths, shard.sizes, shard.versions, shard.image_ids, shard.labels)
 
 
 def content_key(stage: str, shard: planmod.Shard) -> str:
     """The cache key of a shard's result: what its features depend on (not its number or ids)."""
-    return storage.fingerprint(stage, shard.relpaths, shard.sizes)
+    return storage.fingerprint(stage, shard.relpaths, shard.sizes, shard.versions)
 
 
 def _cached_table(cache_root: str, key: str) -> str:

@@ -30,6 +30,7 @@ PLAN_SCHEMA = pa.schema(
         ("label", pa.int32()),
         ("wnid", pa.string()),
         ("bytes", pa.int64()),
+        ("version", pa.string()),  # the store's ETag, else the modification time: a change of content
         ("shard", pa.int32()),
     ]
 )
@@ -49,8 +50,16 @@ class Listing:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _list_class(fs, folder: str, wnid: str) -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
-    files: list[tuple[str, int]] = []
+def _version(entry: dict) -> str:
+    """What changes when an object's content does: its ETag on object stores, else its mtime."""
+    for key in ("ETag", "etag", "mtime", "LastModified", "last_modified", "created"):
+        if entry.get(key) is not None:
+            return str(entry[key])
+    return ""
+
+
+def _list_class(fs, folder: str, wnid: str) -> tuple[list[tuple[str, int, str]], list[tuple[str, str]]]:
+    files: list[tuple[str, int, str]] = []
     skipped: list[tuple[str, str]] = []
     for e in fs.ls(folder, detail=True):
         name = posixpath.basename(e["name"].rstrip("/"))
@@ -65,7 +74,7 @@ def _list_class(fs, folder: str, wnid: str) -> tuple[list[tuple[str, int]], list
             except storage.UnsafePathError as exc:
                 skipped.append((rel, f"{exc}; rename the file"))
             else:
-                files.append((name, int(e.get("size") or 0)))
+                files.append((name, int(e.get("size") or 0), _version(e)))
     return sorted(files), skipped
 
 
@@ -91,14 +100,15 @@ def list_images(root: str, threads: int = 32) -> Listing:
             raise storage.UnsafePathError(f"class folder {wnid!r} in dataset root {root!r}: {exc}; rename the folder") from None
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(folders)))) as pool:
         per_class = list(pool.map(lambda w: _list_class(fs, posixpath.join(path, w), w), folders))
-    relpaths, labels, wnids, sizes = [], [], [], []
+    relpaths, labels, wnids, sizes, versions = [], [], [], [], []
     for label, (wnid, (files, not_taken)) in enumerate(zip(folders, per_class)):
         skipped.extend(not_taken)
-        for name, size in files:
+        for name, size, version in files:
             relpaths.append(f"{wnid}/{name}")
             labels.append(label)
             wnids.append(wnid)
             sizes.append(size)
+            versions.append(version)
     table = pa.table(
         {
             "relpath": pa.array(relpaths, pa.string()),
@@ -106,6 +116,7 @@ def list_images(root: str, threads: int = 32) -> Listing:
             "label": pa.array(labels, pa.int32()),
             "wnid": pa.array(wnids, pa.string()),
             "bytes": pa.array(sizes, pa.int64()),
+            "version": pa.array(versions, pa.string()),
         }
     )
     return Listing(folders, table, sorted(skipped))
@@ -134,6 +145,7 @@ class Shard:
     image_ids: list[int]
     labels: list[int]
     sizes: list[int]
+    versions: list[str] = field(default_factory=list)  # ETags or mtimes, when listed
 
     def __len__(self) -> int:
         return len(self.relpaths)
@@ -141,14 +153,15 @@ class Shard:
 
 def shards_of(plan: pa.Table) -> list[Shard]:
     """The plan's shards in order."""
-    cols = plan.select(["relpath", "image_id", "label", "bytes", "shard"]).to_pydict()
+    cols = plan.select(["relpath", "image_id", "label", "bytes", "version", "shard"]).to_pydict()
     out: dict[int, Shard] = {}
-    for rel, iid, label, size, shard in zip(cols["relpath"], cols["image_id"], cols["label"], cols["bytes"], cols["shard"]):
-        s = out.setdefault(shard, Shard(shard, [], [], [], []))
+    for rel, iid, label, size, version, shard in zip(*cols.values()):
+        s = out.setdefault(shard, Shard(shard, [], [], [], [], []))
         s.relpaths.append(rel)
         s.image_ids.append(iid)
         s.labels.append(label)
         s.sizes.append(size)
+        s.versions.append(version)
     return [out[k] for k in sorted(out)]
 
 
@@ -167,7 +180,7 @@ def write_plan(root: str, out: str, shard_size: int) -> dict:
     table = cut_shards(listing, shard_size)
     if table.num_rows == 0:
         raise ValueError(f"dataset.root = {root!r}: no images (.jpeg .jpg .png) in any class folder")
-    fp = storage.fingerprint(table.column("relpath").to_pylist(), table.column("bytes").to_pylist(), shard_size)
+    fp = storage.fingerprint(table.column("relpath").to_pylist(), table.column("bytes").to_pylist(), table.column("version").to_pylist(), shard_size)
     skipped = {
         "count": len(listing.skipped),
         "entries": [{"relpath": r, "reason": why} for r, why in listing.skipped[:MAX_SKIPPED_LISTED]],

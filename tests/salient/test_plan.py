@@ -1,3 +1,4 @@
+import os
 import pytest
 from torchvision.datasets import ImageFolder
 
@@ -48,3 +49,20 @@ def test_empty_or_missing_root(tmp_path):
         plan.list_images(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="no class folders"):
         plan.list_images(str(tmp_path))
+
+
+def test_a_file_rewritten_with_the_same_size_changes_its_shards_key(tmp_path):
+    from salient import activations
+
+    make_image_folder(tmp_path, classes=2, per_class=3)
+    before = plan.shards_of(plan.cut_shards(plan.list_images(str(tmp_path)), shard_size=10))
+    target = tmp_path / before[1].relpaths[0]
+    data = bytearray(target.read_bytes())
+    data[-3] ^= 0xFF  # same size, other content
+    target.write_bytes(bytes(data))
+    stat = target.stat()
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    after = plan.shards_of(plan.cut_shards(plan.list_images(str(tmp_path)), shard_size=10))
+    assert [s.sizes for s in after] == [s.sizes for s in before]
+    keys = [[activations.content_key("stage", s) for s in shards] for shards in (before, after)]
+    assert keys[0][0] == keys[1][0] and keys[0][1] != keys[1][1]
