@@ -13,7 +13,8 @@ from tasks.activations import compute_activations, plan_images, summarize_activa
 def activations_flow(config: cfgmod.Config) -> dict:
     """Penultimate activations and predictions of every image under ``dataset.root``."""
     cfgmod.check_stages(config, ["activations"])
-    layout = builds.open_current(config.output)
-    plan_images(config, layout)
-    stats = compute_activations(config, layout)
-    return summarize_activations(config, layout, stats)
+    with builds.holding(config.output, "salient activations"):
+        layout = builds.open_current(config.output)
+        plan_images(config, layout)
+        stats = compute_activations(config, layout)
+        return summarize_activations(config, layout, stats)

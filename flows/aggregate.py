@@ -13,4 +13,5 @@ from tasks.aggregate import aggregate_shards
 def aggregate_flow(config: cfgmod.Config) -> dict:
     """Feature importance, the (class, feature) pairs and the top images, from committed activations."""
     cfgmod.check_stages(config, ["aggregate"])
-    return aggregate_shards(config, builds.open_current(config.output))
+    with builds.holding(config.output, "salient aggregate"):
+        return aggregate_shards(config, builds.open_current(config.output))

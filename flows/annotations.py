@@ -13,11 +13,13 @@ from tasks.annotations import ingest_answers, simulate_answers
 def simulate_flow(config: cfgmod.Config) -> dict:
     """Simulated workers answer every discovered pair from the world's ground truth."""
     cfgmod.check_stages(config, ["simulate"])
-    return simulate_answers(config, builds.open_current(config.output))
+    with builds.holding(config.output, "salient annotate simulate"):
+        return simulate_answers(config, builds.open_current(config.output))
 
 
 @flow(name="salient-ingest")
 def ingest_flow(config: cfgmod.Config, answers: list[str] | None = None) -> dict:
     """Core/spurious labels per pair from the answer files, by the paper's rule."""
     cfgmod.check_stages(config, ["ingest"])
-    return ingest_answers(config, builds.open_current(config.output), list(answers or []))
+    with builds.holding(config.output, "salient ingest"):
+        return ingest_answers(config, builds.open_current(config.output), list(answers or []))

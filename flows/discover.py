@@ -13,4 +13,5 @@ from tasks.discover import discover_pairs
 def discover_flow(config: cfgmod.Config) -> dict:
     """Top images, heatmaps and feature attacks per pair, and discover/tasks.csv."""
     cfgmod.check_stages(config, ["discover"])
-    return discover_pairs(config, builds.open_current(config.output))
+    with builds.holding(config.output, "salient discover"):
+        return discover_pairs(config, builds.open_current(config.output))

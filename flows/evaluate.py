@@ -13,4 +13,5 @@ from tasks.evaluate import evaluate_models
 def evaluate_flow(config: cfgmod.Config) -> dict:
     """Noise on core / spurious masks, per pair, per class and on average, for every model and sigma."""
     cfgmod.check_stages(config, ["evaluate"])
-    return evaluate_models(config, builds.open_current(config.output))
+    with builds.holding(config.output, "salient evaluate"):
+        return evaluate_models(config, builds.open_current(config.output))

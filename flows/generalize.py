@@ -13,4 +13,5 @@ from tasks.generalize import generalize_masks
 def generalize_flow(config: cfgmod.Config) -> dict:
     """Soft masks (the pairs' NAMs) into masks/masks.zarr, described by masks/index.parquet."""
     cfgmod.check_stages(config, ["generalize"])
-    return generalize_masks(config, builds.open_current(config.output))
+    with builds.holding(config.output, "salient generalize"):
+        return generalize_masks(config, builds.open_current(config.output))

@@ -10,7 +10,6 @@ recomputes nothing; ``latest`` moves only when the manifest is written.
 from __future__ import annotations
 
 import socket
-import threading
 import time
 
 from prefect import flow, get_run_logger
@@ -24,9 +23,6 @@ from tasks.discover import discover_pairs
 from tasks.evaluate import evaluate_models
 from tasks.generalize import generalize_masks
 from tasks.report import write_report
-
-# How long a rebuild's hold on its output root lasts without renewal (renewed every quarter of it).
-LEASE_TTL_S = 600.0
 
 
 def _has_groundtruth(config: cfgmod.Config) -> bool:
@@ -60,33 +56,6 @@ def run_stage(name: str, config: cfgmod.Config, layout: builds.Layout) -> dict:
         "ingest": lambda c, lay: ingest_answers(c, lay, []), "generalize": generalize_masks,
         "evaluate": evaluate_models, "report": write_report,
     }[name](config, layout)
-
-
-class _Heartbeat:
-    """Renews a lease in the background; remembers if it was lost."""
-
-    def __init__(self, lease: builds.Lease) -> None:
-        self.lease, self.lost = lease, None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="salient-lease", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.lease.ttl_s / 4):
-            try:
-                self.lease.renew()
-            except builds.LeaseHeld as exc:
-                self.lost = exc
-                return
-            except OSError:
-                continue  # a transient store error: the next beat tries again, well within the expiry
-
-    def __enter__(self) -> _Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def _facts(config: cfgmod.Config, layout: builds.Layout, results: dict, seconds: dict[str, float]) -> dict:
@@ -131,26 +100,20 @@ def rebuild_flow(config: cfgmod.Config, stages: list[str] | None = None, wait_s:
     cfgmod.check_stages(config, stages or selected)
     logger = get_run_logger()
     root = config.output
-    lease = builds.acquire_lease(root, owner=f"salient run ({socket.gethostname()})", ttl_s=LEASE_TTL_S, wait_s=wait_s)
-    try:
-        with _Heartbeat(lease) as beat:
-            layout = builds.start_run(root) if full else builds.open_current(root)
-            logger.info("build %s under %s", layout.build_id, root)
-            results, seconds = {}, {}
-            for name in selected:
-                logger.info("stage %s", name)
-                t0 = time.perf_counter()
-                results[name] = run_stage(name, config, layout)
-                seconds[name] = time.perf_counter() - t0
-            if beat.lost is not None:
-                raise beat.lost
-            if full:
-                manifest = builds.write_manifest(layout, _facts(config, layout, results, seconds))
-                lease.check()
-                builds.publish(root, layout.build_id)
-                logger.info("published build %s (%s)", layout.build_id, manifest["counts"])
-    finally:
-        lease.release()
+    with builds.holding(root, f"salient run ({socket.gethostname()})", wait_s=wait_s) as lease:
+        layout = builds.start_run(root) if full else builds.open_current(root)
+        logger.info("build %s under %s", layout.build_id, root)
+        results, seconds = {}, {}
+        for name in selected:
+            logger.info("stage %s", name)
+            t0 = time.perf_counter()
+            results[name] = run_stage(name, config, layout)
+            seconds[name] = time.perf_counter() - t0
+        if full:
+            manifest = builds.write_manifest(layout, _facts(config, layout, results, seconds))
+            lease.check()
+            builds.publish(root, layout.build_id)
+            logger.info("published build %s (%s)", layout.build_id, manifest["counts"])
     return {"build_id": layout.build_id, "build": layout.build, "published": full, "stages": results}
 
 

@@ -13,4 +13,5 @@ from tasks.report import write_report
 def report_flow(config: cfgmod.Config) -> dict:
     """report/index.html next to its PNGs."""
     cfgmod.check_stages(config, ["report"])
-    return write_report(config, builds.open_current(config.output))
+    with builds.holding(config.output, "salient report"):
+        return write_report(config, builds.open_current(config.output))

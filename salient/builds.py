@@ -19,7 +19,10 @@ import platform
 import re
 import secrets
 import socket
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from salient import storage
@@ -30,6 +33,8 @@ INCOMING = "annotations/incoming"
 MANIFEST = "manifest.json"
 CACHE_REFS = "cache-entries.json"
 LEASES = "lease"
+# How long a hold on an output root lasts without renewal; holders renew every quarter of it.
+LEASE_TTL_S = 600.0
 POINTERS: tuple[str, ...] = ("current", "latest")
 
 _BUILD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -338,7 +343,7 @@ def _newest_lease(root: str) -> tuple[int, dict | None]:
         return newest, None
 
 
-def acquire_lease(root: str, owner: str, ttl_s: float = 600.0, wait_s: float = 0.0, poll_s: float = 2.0) -> Lease:
+def acquire_lease(root: str, owner: str, ttl_s: float = LEASE_TTL_S, wait_s: float = 0.0, poll_s: float = 2.0) -> Lease:
     """Take the output root's lease, waiting up to ``wait_s`` for a live holder; ``LeaseHeld`` otherwise."""
     deadline = time.monotonic() + wait_s
     while True:
@@ -375,3 +380,33 @@ def restore_entry(root: str, stage: str, key: str, dest: str) -> str | None:
     for rel in marker["files"]:
         storage.copy_file(cache(root, stage, key, rel), storage.join(dest, rel))
     return f"{stage}/{key}"
+
+
+@contextmanager
+def holding(root: str, owner: str, ttl_s: float = LEASE_TTL_S, wait_s: float = 0.0) -> Iterator[Lease]:
+    """Hold the output root's lease while the block runs, renewing it in the background; released
+    on exit. ``LeaseHeld`` when another run holds it (after ``wait_s``) or takes it over meanwhile."""
+    lease = acquire_lease(root, owner, ttl_s, wait_s)
+    stop = threading.Event()
+    lost: list[LeaseHeld] = []
+
+    def beat() -> None:
+        while not stop.wait(ttl_s / 4):
+            try:
+                lease.renew()
+            except LeaseHeld as exc:
+                lost.append(exc)
+                return
+            except OSError:
+                continue  # a transient store error: the next beat tries again, well within the expiry
+
+    thread = threading.Thread(target=beat, name="salient-lease", daemon=True)
+    thread.start()
+    try:
+        yield lease
+        if lost:
+            raise lost[0]
+    finally:
+        stop.set()
+        thread.join()
+        lease.release()
