@@ -2,19 +2,27 @@
 
 Writes are atomic: a reader sees the previous object or the complete new one, never a part.
 Locally that is a temporary file renamed into place; on object stores a single PUT already is.
+
+Calls to a store here go through :func:`retrying`: transient errors (connection refused or
+lost, timeouts, throttling, server errors) are retried with backoff a bounded number of times;
+anything else (missing objects, permissions, a full disk) is raised at once.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
+import logging
 import os
 import posixpath
+import random
 import re
+import time
 import uuid
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import fsspec
 import pyarrow as pa
@@ -29,6 +37,64 @@ BUILD_KEY = b"salient.build_id"
 _BUILD_IN_URI = re.compile(r"/builds/([A-Za-z0-9][A-Za-z0-9._-]*)/")
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+log = logging.getLogger("salient.storage")
+T = TypeVar("T")
+
+# A transient error is tried again up to RETRY_ATTEMPTS times in all, after a pause that doubles from
+# RETRY_BASE_S up to RETRY_MAX_S (with jitter): about 15 s of pauses, on top of the store client's own
+# retries (botocore alone keeps trying a refused connection for about 8 s).
+RETRY_ATTEMPTS = 6
+RETRY_BASE_S = 0.5
+RETRY_MAX_S = 8.0
+_TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, name) for name in (
+        "EAGAIN", "EBUSY", "ETIMEDOUT", "ECONNRESET", "ECONNREFUSED", "ECONNABORTED", "EPIPE",
+        "ENETDOWN", "ENETUNREACH", "ENETRESET", "EHOSTUNREACH", "EREMOTEIO",  # s3fs: EBUSY = 503, EREMOTEIO = 500
+    ) if hasattr(errno, name)
+)
+_TRANSIENT_TYPES: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
+try:
+    from botocore import exceptions as _boto
+
+    _TRANSIENT_TYPES += (_boto.ConnectionError, _boto.HTTPClientError, _boto.IncompleteReadError)
+except ImportError:  # no S3 support installed
+    pass
+try:
+    import aiohttp
+
+    _TRANSIENT_TYPES += (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
+except ImportError:
+    pass
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for a store error that may well not happen again: a lost or refused connection, a
+    timeout, throttling or a server error. Missing objects, permissions and a full disk are not."""
+    if isinstance(exc, _TRANSIENT_TYPES):
+        return True
+    return isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS
+
+
+def retrying(op: Callable[[], T], what: str) -> T:
+    """``op()``, called again after each transient error (see :func:`is_transient`), at most
+    ``RETRY_ATTEMPTS`` times in all; other errors, and the last transient one, are raised with
+    ``while trying to <what>`` added as a note. ``what`` names the operation and its object."""
+    attempt = 1
+    while True:
+        try:
+            return op()
+        except Exception as exc:
+            if attempt >= RETRY_ATTEMPTS or not is_transient(exc):
+                exc.add_note(f"while trying to {what}")
+                raise
+            pause = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+            log.warning(
+                "%s: %s: %s; trying again in %.1f s (attempt %d of %d)",
+                what, type(exc).__name__, str(exc)[:300], pause, attempt, RETRY_ATTEMPTS,
+            )
+            time.sleep(pause)
+            attempt += 1
 
 
 class UnsafePathError(ValueError):
@@ -87,12 +153,12 @@ def under(root: str, rel: str) -> str:
 
 def exists(uri: str) -> bool:
     fs, path = url_to_fs(uri)
-    return fs.exists(path)
+    return retrying(lambda: fs.exists(path), f"exists {uri}")
 
 
 def read_bytes(uri: str) -> bytes:
     fs, path = url_to_fs(uri)
-    return fs.cat_file(path)
+    return retrying(lambda: fs.cat_file(path), f"read {uri}")
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:
@@ -116,24 +182,28 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
                 os.unlink(tmp)
             raise
     else:
-        fs.pipe_file(path, data)
+        retrying(lambda: fs.pipe_file(path, data), f"write {uri}")
 
 
 def remove(uri: str, recursive: bool = False) -> None:
     """Delete ``uri`` if it exists."""
     fs, path = url_to_fs(uri)
-    if fs.exists(path):
-        fs.rm(path, recursive=recursive)
+    if retrying(lambda: fs.exists(path), f"exists {uri}"):
+        retrying(lambda: fs.rm(path, recursive=recursive), f"remove {uri}")
 
 
 def sha256(uri: str, chunk: int = 1 << 22) -> str:
     """The SHA-256 hex digest of the object at ``uri``, streamed."""
     fs, path = url_to_fs(uri)
-    digest = hashlib.sha256()
-    with fs.open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+
+    def digest() -> str:
+        h = hashlib.sha256()
+        with fs.open(path, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+        return h.hexdigest()
+
+    return retrying(digest, f"read {uri}")
 
 
 def fingerprint(*parts: Any) -> str:
@@ -161,7 +231,7 @@ def _parquet_source(uri: str) -> str | pa.BufferReader:
     # Local files are read by path. Other stores are fetched whole into an Arrow buffer: handing
     # pyarrow a Python file object (fsspec's or a BytesIO) can abort the interpreter at exit.
     fs, path = url_to_fs(uri)
-    return path if isinstance(fs, LocalFileSystem) else pa.BufferReader(fs.cat_file(path))
+    return path if isinstance(fs, LocalFileSystem) else pa.BufferReader(retrying(lambda: fs.cat_file(path), f"read {uri}"))
 
 
 def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
@@ -203,19 +273,36 @@ def create_exclusive(uri: str, data: bytes) -> bool:
     """Write ``data`` to ``uri`` only if no object is there; False when one already is.
 
     On S3 this is a conditional PUT (``If-None-Match: *``), so of many writers racing for one name
-    exactly one wins.
+    exactly one wins. An object that holds exactly ``data`` counts as this call's own: a retried
+    create (by :func:`retrying` or the store client) whose first try went through but whose answer
+    was lost finds it there. Callers racing with each other write different bytes.
     """
     fs, path = url_to_fs(uri)
     if isinstance(fs, LocalFileSystem):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        # A complete temporary file hard-linked to the name: the link fails when the name exists
+        # (fsspec's local "create" mode is not atomic under a race), and no reader sees half an object.
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+        return True
     try:
-        fs.pipe_file(path, data, mode="create")
+        retrying(lambda: fs.pipe_file(path, data, mode="create"), f"create {uri}")
     except FileExistsError:
-        return False
+        return read_bytes(uri) == data
     except OSError as exc:
         # S3 answers a lost race with 412 PreconditionFailed, which s3fs raises as a plain OSError.
         if "pre-condition" in str(exc).lower() or "precondition" in str(exc).lower():
-            return False
+            return read_bytes(uri) == data
         raise
     return True
 
@@ -230,13 +317,13 @@ def copy_file(src: str, dst: str) -> None:
         try:
             os.link(spath, tmp)
         except OSError:
-            write_bytes_atomic(dst, sfs.cat_file(spath))
+            write_bytes_atomic(dst, read_bytes(src))
             return
         os.replace(tmp, dpath)
     elif type(sfs) is type(dfs):
-        sfs.copy(spath, dpath)  # server-side on object stores
+        retrying(lambda: sfs.copy(spath, dpath), f"copy {src} to {dst}")  # server-side on object stores
     else:
-        write_bytes_atomic(dst, sfs.cat_file(spath))
+        write_bytes_atomic(dst, read_bytes(src))
 
 
 def list_files(uri: str) -> list[str]:
@@ -244,10 +331,10 @@ def list_files(uri: str) -> list[str]:
 
     Hidden names (temporary files of unfinished writes) are left out."""
     fs, path = url_to_fs(uri)
-    if not fs.exists(path):
+    if not retrying(lambda: fs.exists(path), f"exists {uri}"):
         return []
     base = path.rstrip("/") + "/"
-    rels = (p[len(base):] for p in fs.find(path) if p.startswith(base))
+    rels = (p[len(base):] for p in retrying(lambda: fs.find(path), f"list {uri}") if p.startswith(base))
     return sorted(r for r in rels if not any(part.startswith(".") for part in r.split("/")))
 
 

@@ -1,5 +1,6 @@
 """A pool of Ray actors, each built once from a builder (loading its model once), that work through
-a list of items with bounded retries; a dead actor is replaced and its item is run again."""
+a list of items with bounded retries; a dead actor (alone, or with its whole node) is replaced and
+its item is run again."""
 
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ log = logging.getLogger("salient.pool")
 
 DEFAULT_CONNECT_TIMEOUT_S: float = ComputeConfig.model_fields["ray_connect_timeout_s"].default
 RAY_CLIENT_PORT = 10001  # the Ray Client server's port when a ray:// address names none
+# How long a pool waits for a worker to start while nothing runs: room on a node may take an
+# autoscaler minutes to add.
+WORKER_START_TIMEOUT_S = 900.0
 _RETRY_S = 0.5
 
 
@@ -136,24 +140,29 @@ def run_pool(
     max_attempts: int = 3,
     on_result: Callable[[Any], None] | None = None,
     on_retry: Callable[[Any, int, str], None] | None = None,
+    start_timeout_s: float = WORKER_START_TIMEOUT_S,
 ) -> PoolResult:
     """Run every item on ``resources.workers`` actors; each item at most ``max_attempts`` times.
 
-    Items whose attempts are all used up are returned in ``failed`` with the last reason.
+    An item is handed only to a worker that has started, so a replacement for a worker lost with
+    its node, which may find no room left in the cluster, holds up nothing while the others go on.
+    Items whose attempts are all used up are returned in ``failed`` with the last reason; so are
+    the items left when no worker could be started (each worker at most ``max_attempts`` times) or
+    none started within ``start_timeout_s`` while no item was running.
     """
     out = PoolResult()
     if not items:
         return out
     n_workers = min(resources.workers, len(items))
-
-    def start() -> Any:
-        return PoolWorker.options(num_gpus=resources.gpus_per_worker, num_cpus=resources.cpus_per_worker).remote(builder)
-
-    actors = [start() for _ in range(n_workers)]
-    idle = deque(actors)
+    starting: dict[Any, Any] = {}  # readiness probe -> worker not yet started
+    idle: deque[Any] = deque()
     queue: deque[tuple[Any, int]] = deque((item, 1) for item in items)
     inflight: dict[Any, tuple[Any, Any, int]] = {}
-    described: set[int] = set()
+    start_failures, last_start_error = 0, ""
+
+    def start() -> None:
+        actor = PoolWorker.options(num_gpus=resources.gpus_per_worker, num_cpus=resources.cpus_per_worker).remote(builder)
+        starting[actor.describe.remote()] = actor
 
     def retry(item: Any, attempt: int, reason: str) -> None:
         if attempt < max_attempts:
@@ -164,39 +173,62 @@ def run_pool(
         else:
             out.failed.append((item, reason))
 
+    def give_up(reason: str) -> None:
+        out.failed.extend((item, reason) for item, _ in queue)
+        queue.clear()
+
+    for _ in range(n_workers):
+        start()
     try:
         while queue or inflight:
             while queue and idle:
                 actor = idle.popleft()
                 item, attempt = queue.popleft()
                 inflight[actor.run.remote(item)] = (actor, item, attempt)
-            ready, _ = ray.wait(list(inflight), num_returns=1)
+            if not inflight and not starting:
+                give_up(f"no worker could be started ({start_failures} tries; the last: {last_start_error})")
+                break
+            ready, _ = ray.wait([*inflight, *starting], num_returns=1, timeout=None if inflight else start_timeout_s)
+            if not ready:
+                give_up(
+                    f"no worker started within {start_timeout_s:g} s: the Ray cluster has no room for one with "
+                    f"{resources.gpus_per_worker:g} GPU and {resources.cpus_per_worker:g} CPU (were nodes lost?)"
+                )
+                break
             ref = ready[0]
+            if ref in starting:
+                actor = starting.pop(ref)
+                try:
+                    out.workers.append(ray.get(ref))
+                except RayActorError as exc:
+                    ray.kill(actor, no_restart=True)
+                    start_failures += 1
+                    last_start_error = _reason(exc)
+                    log.warning("a worker failed to start (%s)", last_start_error)
+                    if start_failures < max_attempts * n_workers:
+                        start()
+                    continue
+                idle.append(actor)
+                continue
             actor, item, attempt = inflight.pop(ref)
             try:
                 result = ray.get(ref)
             except RayActorError as exc:
                 out.replaced_workers += 1
                 ray.kill(actor, no_restart=True)
-                idle.append(start())
+                start()
                 retry(item, attempt, _reason(exc))
                 continue
             except RayTaskError as exc:
                 idle.append(actor)
                 retry(item, attempt, _reason(exc))
                 continue
-            if id(actor) not in described:
-                described.add(id(actor))
-                try:
-                    out.workers.append(ray.get(actor.describe.remote()))
-                except RayActorError:
-                    pass
             idle.append(actor)
             out.results.append(result)
             if on_result is not None:
                 on_result(result)
     finally:
-        for actor in [*idle, *(a for a, _, _ in inflight.values())]:
+        for actor in [*idle, *starting.values(), *(a for a, _, _ in inflight.values())]:
             ray.kill(actor, no_restart=True)
     return out
 

@@ -178,6 +178,46 @@ def _stop(proc: subprocess.Popen, ports: dict[str, int]) -> None:
                 leftover.unlink(missing_ok=True)
 
 
+@dataclass
+class _Launch:
+    """How one server is started, so that it can be stopped and started again as the same server."""
+
+    args: list[str]
+    env: dict[str, str]
+    root: Path
+    log: Path
+    ports: dict[str, int]
+    timeout: float
+    proc: subprocess.Popen | None = None
+
+    def start(self, server: S3Server) -> None:
+        with open(self.log, "ab") as log_fh:
+            self.proc = subprocess.Popen(
+                self.args, cwd=self.root, env=self.env, stdin=subprocess.DEVNULL, stdout=log_fh, stderr=subprocess.STDOUT
+            )
+        _wait_ready(self.proc, server, self.log, self.timeout)
+
+
+# The servers ``seaweed_s3`` runs now, by endpoint: ``outage`` stops one and starts it again.
+_RUNNING: dict[str, _Launch] = {}
+
+
+@contextmanager
+def outage(server: S3Server) -> Iterator[None]:
+    """Stop ``server`` (SIGKILL, as a crash would) for the duration of the block, then start it
+    again on the same ports, data directory and credentials, and return once it serves again."""
+    launch = _RUNNING[server.endpoint_url]
+    assert launch.proc is not None, "the server is not running"
+    launch.proc.kill()
+    launch.proc.wait(STOP_TIMEOUT_S)
+    _stop(launch.proc, launch.ports)  # the unix sockets it leaves would stop the next start
+    launch.proc = None
+    try:
+        yield
+    finally:
+        launch.start(server)
+
+
 @contextmanager
 def seaweed_s3(tmp_dir: str | os.PathLike, bucket: str = BUCKET, timeout: float = STARTUP_TIMEOUT_S) -> Iterator[S3Server]:
     """Run ``weed mini`` on 127.0.0.1 with fresh random credentials and data under ``tmp_dir``;
@@ -192,14 +232,16 @@ def seaweed_s3(tmp_dir: str | os.PathLike, bucket: str = BUCKET, timeout: float 
     # TMPDIR keeps weed's own log files (and most of its unix sockets) inside tmp_dir.
     env |= {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret, "TMPDIR": str(sockets)}
     log = root / "weed.log"
-    with open(log, "wb") as log_fh:
-        proc = subprocess.Popen(args, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=log_fh, stderr=subprocess.STDOUT)
+    launch = _Launch(args, env, root, log, ports, timeout)
     try:
         server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", bucket, key, secret, REGION, log)
-        _wait_ready(proc, server, log, timeout)
+        launch.start(server)
+        _RUNNING[server.endpoint_url] = launch
         yield server
     finally:
-        _stop(proc, ports)
+        _RUNNING.pop(f"http://127.0.0.1:{ports['s3.port']}", None)
+        if launch.proc is not None:
+            _stop(launch.proc, ports)
 
 
 @contextmanager
