@@ -14,7 +14,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: demo test bench install clean
+.PHONY: demo test test-slow bench install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +39,11 @@ test: $(STAMP)
 	      "install them with: sudo apt-get install -y chromium chromium-driver" >&2; \
 	  fi; \
 	fi
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=15 -m "not heavy"
+
+# Fault injection on whole builds (S3 outage, failing requests, unwritable output) and a 3-node Ray cluster.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q --durations=15 -m heavy
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.listing

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -24,6 +26,7 @@ LOCAL_ENV_DEFAULTS = {
 
 EXIT_CONFIG = 2
 EXIT_BUSY = 3  # another rebuild holds the output root
+EXIT_STORE = 4  # a store refused a read or a write (permissions, a full disk, ...)
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -401,12 +404,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe_store_error(exc: OSError) -> str:
+    """One line for a store error: what failed, on what, and what to do."""
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        todo = "make the output writable (or point `output` somewhere writable)"
+    elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        todo = "free space there (`salient gc OUT --keep N` removes old builds)"
+    else:
+        todo = "fix the store"
+    where = "; ".join(getattr(exc, "__notes__", ()))
+    return f"{exc}" + (f" ({where})" if where else "") + f"; {todo}, then run again: the build resumes where it stopped"
+
+
+class _NoStoreTracebacks(logging.Filter):
+    """Keeps Prefect's console lines about a failed run, without the traceback of a store error:
+    the command's last line says what failed and what to do."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], OSError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_store_tracebacks() -> None:
+    importlib.import_module("prefect.main")  # sets up Prefect's logging handlers
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for logger in (logging.getLogger(), *(logging.getLogger(name) for name in list(logging.root.manager.loggerDict))):
+        for handler in logger.handlers:
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.addFilter(_NoStoreTracebacks())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     for key, value in LOCAL_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        if args.command in ("run", *STAGES):
+            _quiet_store_tracebacks()
         return func(args)
     except LeaseHeld as exc:
         print(f"salient: busy: {exc}", file=sys.stderr)
@@ -418,6 +455,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"salient: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except ConnectionError as exc:
+        print(f"salient: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"salient: error: {describe_store_error(exc)}", file=sys.stderr)
+        return EXIT_STORE
     except KeyboardInterrupt:
         print("salient: interrupted", file=sys.stderr)
         return 130
