@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ import pytest
 
 from salient import activations, builds, storage
 from tests.faults import ROOT, assert_same_tables, build_tables, fault_config, kill_group, spawn_run, write_config
+from tests.s3server import _free_ports
 
 NODES = 3
 OBJECT_STORE_BYTES = 100 * 2**20
@@ -35,19 +35,6 @@ RAY_START = (
     "import sys; from ray._private import services; services.resolve_ip_for_localhost = lambda host: host; "
     "from ray.scripts.scripts import main; sys.exit(main())"
 )
-
-
-def _free_ports(n: int) -> list[int]:
-    held = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            held.append(s)
-        return [s.getsockname()[1] for s in held]
-    finally:
-        for s in held:
-            s.close()
 
 
 def _parent(pid: int) -> int:
