@@ -19,10 +19,14 @@ def test_flow_runs_every_image_once_on_two_gpu_workers_then_skips(activation_wor
 
     stats = [storage.read_json(activations.stats_uri(out, i)) for i in range(6)]
     assert summary["failure_lists"] == [activations.stats_uri(out, 3)], "zero.JPEG is the 9th image of class 1"
-    by_worker: dict[str, list[dict]] = {}
+    # Which worker takes which shard depends on timing (one may take them all on a busy machine; that
+    # two run at once is proven in tests/tasks/test_ray_pool.py): each worker sees one device of its own.
+    devices: dict[int, set[str]] = {}
     for s in stats:
-        by_worker.setdefault(s["worker"]["cuda_visible_devices"], []).append(s)
-    assert set(by_worker) == {"0", "1"}, "each GPU worker sees its own device"
+        devices.setdefault(s["worker"]["pid"], set()).add(s["worker"]["cuda_visible_devices"])
+    assert all(len(d) == 1 for d in devices.values()), "a worker keeps its one device"
+    seen = [d for ds in devices.values() for d in ds]
+    assert len(seen) == len(set(seen)) and set(seen) <= {"0", "1"}, "each GPU worker sees its own device"
     assert all(s["worker"]["device"] == "cpu" for s in stats), "no CUDA here: workers fall back to the CPU"
 
     mtimes = {p: os.stat(p).st_mtime_ns for p in storage.url_to_fs(out)[0].glob(f"{out}/activations/*")}
