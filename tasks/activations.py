@@ -13,7 +13,7 @@ from salient import activations, builds, storage
 from salient import plan as planmod
 from salient.config import Config
 from salient.resources import plan_workers
-from tasks.ray_pool import ray_cluster, run_pool
+from tasks.ray_pool import compute_cluster, run_pool
 
 
 @task(name="plan-images", retries=2, retry_delay_seconds=5)
@@ -48,7 +48,7 @@ def compute_activations(config: Config, layout: builds.Layout, max_attempts: int
     if not todo:
         return done
     total = sum(len(t.shard) for t in todo)
-    with ray_cluster(config.compute.ray_address, connect_timeout_s=config.compute.ray_connect_timeout_s) as cluster:
+    with compute_cluster(config.compute) as cluster:
         res = plan_workers(config.compute, cluster.get("CPU", 1.0), cluster.get("GPU", 0.0))
         logger.info(
             "%d shards (%d images) on %d workers x (%g GPU, %g CPU)",

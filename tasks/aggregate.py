@@ -8,7 +8,7 @@ from prefect.artifacts import create_markdown_artifact
 from salient import activations, aggregate, builds, metadata, models, storage
 from salient import plan as planmod
 from salient.config import Config
-from tasks.ray_pool import ray_cluster, ray_map
+from tasks.ray_pool import compute_cluster, ray_map
 
 STAGE = "aggregate"
 
@@ -43,7 +43,7 @@ def aggregate_shards(config: Config, layout: builds.Layout) -> dict:
         logger.info("aggregation of these %d shards reused from the cache", len(inputs.shard_uris))
     else:
         logger.info("aggregating %d shards (grouping: %s)", len(inputs.shard_uris), config.aggregate.grouping)
-        with ray_cluster(config.compute.ray_address, connect_timeout_s=config.compute.ray_connect_timeout_s):
+        with compute_cluster(config.compute):
             summary = aggregate.run(inputs, config.aggregate, map_fn=ray_map)
         entry = builds.save_entry(layout.root, STAGE, inputs.fingerprint, layout.build, list(aggregate.TABLES), {"summary": summary})
     builds.record_cache_use(layout.build, [entry])

@@ -12,7 +12,7 @@ from salient import builds, evaluate, plots, storage
 from salient.config import Config, EvalModelConfig
 from salient.masks import INDEX_TABLE
 from salient.resources import plan_workers
-from tasks.ray_pool import ray_cluster, run_pool
+from tasks.ray_pool import compute_cluster, run_pool
 
 STAGE = "evaluation"
 RESULTS = "results.parquet"
@@ -47,7 +47,7 @@ def evaluate_models(config: Config, layout: builds.Layout, max_attempts: int = 3
         reused += len(e.sigmas) - len(missing)
         if missing and blocks:
             logger.info("%s: %d images in %d blocks at sigma %s", entry.name, index.num_rows, len(blocks), missing)
-            with ray_cluster(config.compute.ray_address, connect_timeout_s=config.compute.ray_connect_timeout_s) as cluster:
+            with compute_cluster(config.compute) as cluster:
                 res = plan_workers(config.compute, cluster.get("CPU", 1.0), cluster.get("GPU", 0.0))
                 run = run_pool(functools.partial(_build_runner, config, layout, entry, missing, res.threads), blocks, res, max_attempts=max_attempts)
             if run.failed:

@@ -9,7 +9,7 @@ from prefect import get_run_logger, task
 from salient import builds, masks, storage
 from salient.config import Config
 from salient.resources import plan_workers
-from tasks.ray_pool import ray_cluster, run_pool
+from tasks.ray_pool import compute_cluster, run_pool
 
 
 def _build_runner(config: Config, threads: int) -> masks.MaskRunner:
@@ -39,7 +39,7 @@ def generalize_masks(config: Config, layout: builds.Layout, max_attempts: int = 
     )
     logger.info("%d masks in %d blocks; %d blocks to compute", rows.num_rows, n_blocks, len(todo))
     if todo:
-        with ray_cluster(config.compute.ray_address, connect_timeout_s=config.compute.ray_connect_timeout_s) as cluster:
+        with compute_cluster(config.compute) as cluster:
             res = plan_workers(config.compute, cluster.get("CPU", 1.0), cluster.get("GPU", 0.0))
             result = run_pool(
                 functools.partial(_build_runner, config, res.threads), todo, res, max_attempts=max_attempts,

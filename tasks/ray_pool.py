@@ -11,7 +11,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -97,6 +97,11 @@ def ray_cluster(address: str | None = None, connect_timeout_s: float = DEFAULT_C
     finally:
         if started:
             ray.shutdown()
+
+
+def compute_cluster(compute: ComputeConfig) -> AbstractContextManager[dict[str, float]]:
+    """:func:`ray_cluster` as a config's ``compute`` section describes it."""
+    return ray_cluster(compute.ray_address, compute.ray_connect_timeout_s)
 
 
 @ray.remote(max_restarts=0)

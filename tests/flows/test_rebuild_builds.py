@@ -4,8 +4,6 @@ at once, and the whole flow on S3."""
 import glob
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -14,6 +12,7 @@ import pytest
 
 from salient import builds, cli, config, storage, world
 from tests.browser import broken_images, browser  # noqa: F401 -- session fixture: headless Chromium
+from tests.faults import kill_group, spawn_run
 from tests.helpers import make_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -125,25 +124,6 @@ def test_rebuilds_reuse_everything_then_only_what_changed(pipeline, ray_session,
     assert sorted(os.listdir(builds.incoming(root))) == ["late-1.csv", "late-2.csv", "simulated.csv"], "gc never touches answers"
 
 
-def _spawn(path: str, log: str) -> subprocess.Popen:
-    from prefect.settings import PREFECT_API_URL
-
-    env = {**os.environ, "PYTHONPATH": ROOT, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
-    with open(log, "wb") as fh:
-        return subprocess.Popen(
-            [sys.executable, "-m", "salient.cli", "run", path], env=env, stdout=fh, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
-
-
 def test_killed_build_leaves_latest_and_concurrent_rebuilds_cannot_both_publish(tmp_path, prefect_server):
     world.synthesize(str(tmp_path / "world"), classes=3, per_class=8, size=32, seed=0)
     cfg = _config(str(tmp_path), make_checkpoint(tmp_path / "tiny.pt", num_classes=3), shard_size=2, evaluate=False)
@@ -151,7 +131,7 @@ def test_killed_build_leaves_latest_and_concurrent_rebuilds_cannot_both_publish(
     root = cfg.output
 
     # two rebuilds started together: one publishes, the other stops with a clear message
-    a, b = _spawn(path, str(tmp_path / "a.log")), _spawn(path, str(tmp_path / "b.log"))
+    a, b = spawn_run(path, str(tmp_path / "a.log")), spawn_run(path, str(tmp_path / "b.log"))
     codes = sorted([a.wait(timeout=600), b.wait(timeout=600)])
     logs = (tmp_path / "a.log").read_text() + (tmp_path / "b.log").read_text()
     assert codes == [0, cli.EXIT_BUSY], logs
@@ -163,11 +143,11 @@ def test_killed_build_leaves_latest_and_concurrent_rebuilds_cannot_both_publish(
     os.remove(os.path.join(root, "current"))  # a fresh build, so the shards are taken from the cache or computed
     for entry in glob.glob(f"{root}/cache/activations/*"):
         os.remove(entry) if os.path.isfile(entry) else None
-    proc = _spawn(path, str(tmp_path / "killed.log"))
+    proc = spawn_run(path, str(tmp_path / "killed.log"))
     deadline = time.monotonic() + 300
     while not glob.glob(f"{root}/cache/activations/*.json") and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    _kill(proc)
+    kill_group(proc)
     assert glob.glob(f"{root}/cache/activations/*.json"), (tmp_path / "killed.log").read_text()
     assert builds.read_pointer(root, "latest") == published
     killed = builds.read_pointer(root, "current")
@@ -179,7 +159,7 @@ def test_killed_build_leaves_latest_and_concurrent_rebuilds_cannot_both_publish(
     body = json.loads(open(newest).read())
     body["expires"] = 0
     open(newest, "w").write(json.dumps(body))
-    resumed = _spawn(path, str(tmp_path / "resumed.log"))
+    resumed = spawn_run(path, str(tmp_path / "resumed.log"))
     assert resumed.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()
     assert builds.read_pointer(root, "latest") == killed, "the killed build was resumed and published"
     stats = [json.loads(open(p).read()) for p in glob.glob(f"{root}/builds/{killed}/activations/part-*.json")]
