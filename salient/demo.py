@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import pyarrow as pa
 import yaml
 
-from salient import aggregate, builds, groundtruth, masks, models, simulate, storage, train, world
+from salient import aggregate, builds, evaluate, groundtruth, masks, models, report, simulate, storage, train, world
 
 MODELS = (("biased", False), ("debiased", True))
 
@@ -102,10 +102,42 @@ def run(
         result["discovery"] = score_discovery(out, build, size, meta)
     if storage.exists(storage.join(build, masks.INDEX_TABLE)):
         result["generalization"] = print_generalization(out, build, size, meta)
+    if storage.exists(storage.join(build, evaluate.CLASSES_TABLE)):
+        result["sensitivity"] = print_sensitivity(build, meta)
     page = storage.join(build, "report", "index.html")
     if storage.exists(page):
         print(f"report: {page}")
     return result
+
+
+def print_sensitivity(build: str, world_meta: dict) -> dict[str, dict[float, float | None]]:
+    """Per class with a spurious pair: each model's core accuracy (noise on the class's spurious
+    masks) at every sigma and the clean accuracy of the same images, then the mean drop per model
+    and sigma (from ``evaluation/summary.parquet``), which is also returned."""
+    rows = [r for r in storage.read_parquet(storage.join(build, evaluate.CLASSES_TABLE)).to_pylist() if r["core_acc"] is not None]
+    order = [name for name, _ in MODELS]
+    names = sorted({r["model"] for r in rows}, key=lambda m: (order.index(m) if m in order else len(order), m))
+    sigmas = sorted({r["sigma"] for r in rows})
+    by_key = {(r["model"], r["class_index"], r["sigma"]): r for r in rows}
+    design = {d["class_index"]: d for d in world_meta["classes"]}
+    width = 8 * len(sigmas) + 9
+    print(f"core accuracy per class at sigma {' / '.join(f'{s:g}' for s in sigmas)} (clean accuracy of the same images)")
+    print("class  shape       cue               images  " + "".join(f"  {name:<{width - 2}}" for name in names).rstrip())
+    for c in sorted({r["class_index"] for r in rows}):
+        line = ""
+        for name in names:
+            mine = [by_key.get((name, c, s)) for s in sigmas]
+            clean = next((r["clean_acc_spurious_images"] for r in mine if r), None)
+            cells = " ".join(f"{report.fmt(r['core_acc'] if r else None):>7}" for r in mine)
+            line += f"{cells} ({report.fmt(clean)})".ljust(width)
+        n = next(r["n_spurious_images"] for r in rows if r["class_index"] == c)
+        print(f"{c:<6} {design[c]['shape']:<11} {design[c]['cue_kind']:<17} {n:<7} {line.rstrip()}")
+    summary = storage.read_parquet(storage.join(build, evaluate.SUMMARY_TABLE)).to_pylist()
+    drops = {name: {r["sigma"]: r["mean_core_drop"] for r in summary if r["model"] == name} for name in names}
+    print("mean core-accuracy drop (clean - core) over these classes: " + "; ".join(
+        f"sigma {s:g}: " + ", ".join(f"{name} {report.fmt(drops[name].get(s))}" for name in names) for s in sigmas
+    ) + "\n")
+    return drops
 
 
 def print_generalization(out: str, build: str, size: int, world_meta: dict) -> float:

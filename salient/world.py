@@ -1,9 +1,17 @@
 """The demo world: an ImageFolder JPEG dataset of shapes with spurious cues and ground-truth masks.
 
 Each class has a core object (a filled shape). Two classes in three also have a spurious cue that
-co-occurs with the class: a high-contrast background texture, or a small separate object in a
-corner. Every image comes with the exact pixel masks of its object and of its cue, so every stage of
-the discovery can be checked against the truth.
+co-occurs with the class: a background texture, or a small separate object in a corner. Every image
+comes with the exact pixel masks of its object and of its cue, so every stage of the discovery can
+be checked against the truth.
+
+The background textures all have one mean colour and differ only in fine structure: faint stripes,
+checks or dots, or colour grain (per-pixel Gaussian noise of a strength drawn per image). Like a
+real background (sand, water, foliage), a texture is told apart by detail that Gaussian noise
+masks, and noise on any region looks like grain. A classifier that learned "grain means this class"
+from the biased split therefore changes its answer when the background of another class is noised,
+while a twin trained with cues independent of the label learned to ignore grain; the sensitivity
+evaluation (design.md §2) tells the two apart.
 
 Splits (each an ImageFolder root under the world directory):
 
@@ -35,7 +43,7 @@ from PIL import Image
 from salient import storage
 
 # Bump when the same arguments would draw different images.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 SPLITS: tuple[str, ...] = ("train", "val", "swapped", "train_free")
 CUE_KINDS: tuple[str, ...] = ("none", "background", "separate_object")
@@ -60,15 +68,14 @@ SHAPE_GLOSSES: dict[str, str] = {
     "pentagon": "a filled regular pentagon of any colour",
 }
 
-TEXTURE_PATTERNS: tuple[str, ...] = ("stripes", "checker", "dots")
-TEXTURE_COLOURS: tuple[tuple[tuple[float, float, float], tuple[float, float, float]], ...] = (
-    ((0.05, 0.05, 0.05), (1.0, 0.9, 0.1)),
-    ((1.0, 1.0, 1.0), (0.85, 0.05, 0.1)),
-    ((0.05, 0.15, 0.8), (1.0, 1.0, 1.0)),
-    ((0.0, 0.0, 0.0), (0.1, 0.95, 0.95)),
-    ((0.95, 0.1, 0.85), (1.0, 1.0, 1.0)),
-    ((0.05, 0.55, 0.1), (0.0, 0.0, 0.0)),
-)
+TEXTURE_PATTERNS: tuple[str, ...] = ("stripes", "grain", "checker", "dots")
+# Every texture has this mean colour. A two-tone pattern's tones are 2 x TEXTURE_CONTRAST apart;
+# grain is per-pixel, per-channel Gaussian noise whose standard deviation is drawn per image from
+# GRAIN_STD. A pattern under the paper's noise (sigma 0.25) spreads by sqrt(0.25^2 + 0.1^2) = 0.27,
+# inside grain's range: it looks like grain.
+TEXTURE_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
+TEXTURE_CONTRAST = 0.1
+GRAIN_STD = (0.05, 0.3)
 CUE_OBJECT_COLOURS: tuple[tuple[float, float, float], ...] = (
     (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1.0, 0.5, 0.0), (0.6, 0.0, 1.0), (0.0, 0.7, 0.3), (1.0, 0.0, 0.4),
 )
@@ -81,7 +88,7 @@ OBJECT_JITTER = 0.08
 CUE_OBJECT_RADIUS = 0.11
 CUE_OBJECT_MARGIN = 0.115
 CUE_JITTER = 0.025
-TEXTURE_PERIODS = (0.125, 0.1875)
+TEXTURE_PERIODS = (0.0625, 0.09)
 
 JPEG_QUALITY = 92
 MAX_PER_CLASS = 99_999
@@ -95,9 +102,9 @@ class ClassDesign:
     wnid: str
     shape: str
     cue_kind: str
-    # Background cues: a two-colour texture with a fixed pattern, orientation and period.
+    # Background cues: a texture of mean colour TEXTURE_MEAN; the two-tone patterns have a fixed
+    # orientation and period, grain has neither.
     texture: str | None = None
-    texture_colours: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None
     texture_angle: float | None = None
     texture_period: float | None = None
     # Separate-object cues: a small shape of a fixed colour in a corner.
@@ -178,12 +185,11 @@ def design(classes: int) -> tuple[ClassDesign, ...]:
         if kind == "background":
             k = n_background
             n_background += 1
-            extra = {
-                "texture": TEXTURE_PATTERNS[k % len(TEXTURE_PATTERNS)],
-                "texture_colours": TEXTURE_COLOURS[k % len(TEXTURE_COLOURS)],
-                "texture_angle": float((20 + 55 * k) % 180),
-                "texture_period": TEXTURE_PERIODS[(k // len(TEXTURE_PATTERNS)) % len(TEXTURE_PERIODS)],
-            }
+            pattern = TEXTURE_PATTERNS[k % len(TEXTURE_PATTERNS)]
+            extra = {"texture": pattern}
+            if pattern != "grain":
+                extra["texture_angle"] = float((20 + 55 * k) % 180)
+                extra["texture_period"] = TEXTURE_PERIODS[(k // len(TEXTURE_PATTERNS)) % len(TEXTURE_PERIODS)]
         elif kind == "separate_object":
             k = n_separate
             n_separate += 1
@@ -304,8 +310,21 @@ def _place(shape: str, size: int, cx: float, cy: float, radius: float, angle: fl
     return _shape_mask(shape, c * dx + s * dy, -s * dx + c * dy)
 
 
-def _texture(pattern: str, angle: float, period: float, size: int, phase: np.ndarray) -> np.ndarray:
-    """Which pixels of a background texture take its second colour (``period`` in pixels)."""
+def _texture(cue: ClassDesign, size: int, phase: np.ndarray, grain: np.ndarray) -> np.ndarray:
+    """A background texture's offset from :data:`TEXTURE_MEAN` (``size x size x 3``).
+
+    A two-tone pattern's offset averages to zero over the image (its tones are -/+ the contrast
+    for stripes and checks, whose tones cover half the image each); grain's is zero in expectation.
+    """
+    if cue.texture == "grain":
+        return grain
+    second = _pattern(str(cue.texture), float(cue.texture_angle), float(cue.texture_period) * size, size, phase)
+    offset = 2.0 * TEXTURE_CONTRAST * (second - second.mean())
+    return np.broadcast_to(offset[:, :, None], (size, size, 3))
+
+
+def _pattern(pattern: str, angle: float, period: float, size: int, phase: np.ndarray) -> np.ndarray:
+    """Which pixels of a two-tone pattern take its second tone (``period`` in pixels)."""
     coords = np.arange(size, dtype=np.float64) + 0.5
     x, y = coords[None, :], coords[:, None]
     a = math.radians(angle)
@@ -343,6 +362,7 @@ def render_image(
     corner = rng.integers(4)
     cue_offset = (CUE_OBJECT_MARGIN + rng.uniform(0, CUE_JITTER, 2)) * size
     cue_angle = rng.uniform(-math.pi, math.pi)
+    grain = rng.uniform(*GRAIN_STD) * rng.normal(0.0, 1.0, (size, size, 3))
 
     coords = (np.arange(size, dtype=np.float64) + 0.5) / size - 0.5
     ramp = math.cos(ramp_angle) * coords[None, :] + math.sin(ramp_angle) * coords[:, None]
@@ -353,11 +373,9 @@ def render_image(
     if spec.cue_class >= 0:
         cue = designs[spec.cue_class]
         if cue.cue_kind == "background":
-            second = _texture(str(cue.texture), float(cue.texture_angle), float(cue.texture_period) * size, size, phase)
-            colours = np.array(cue.texture_colours)
             cue_mask = ~object_mask
             if draw_cue:
-                image = np.where(second[:, :, None], colours[1], colours[0])
+                image = np.asarray(TEXTURE_MEAN) + _texture(cue, size, phase, grain)
         else:
             cx = cue_offset[0] if corner % 2 == 0 else size - cue_offset[0]
             cy = cue_offset[1] if corner < 2 else size - cue_offset[1]

@@ -121,6 +121,48 @@ def test_each_kind_of_cue_in_every_world_of_three_or_more_classes():
     assert len(world.SHAPES) >= 10 and set(world.SHAPE_GLOSSES) == set(world.SHAPES)
 
 
+def _background(designs: tuple, cue_class: int, size: int = 64, index: int = 0) -> np.ndarray:
+    """The lossless background of an image carrying ``cue_class``'s texture, with no object drawn."""
+    spec = world.ImageSpec(seed=0, split="val", label=0, index=index, cue_class=cue_class)
+    rendering = world.render_image(spec, designs, size, draw_object=False)
+    assert rendering.cue_mask.sum() > 0.7 * size * size
+    return rendering.rgb[rendering.cue_mask].astype(float) / 255.0
+
+
+def test_background_textures_share_their_mean_colour_and_differ_in_fine_structure():
+    designs = world.design(12)
+    textures = {d.class_index: d.texture for d in designs if d.cue_kind == "background"}
+    assert list(textures.values()) == ["stripes", "grain", "checker", "dots"]
+    assert [d.texture for d in world.design(6) if d.cue_kind == "background"] == ["stripes", "grain"]
+    for c, texture in textures.items():
+        for index in range(3):
+            pixels = _background(designs, c, index=index)
+            # One mean colour for all: the class is not in the texture's colour.
+            np.testing.assert_allclose(pixels.mean(0), [0.5, 0.5, 0.5], atol=0.02, err_msg=texture)
+            spread = pixels.std(0).mean()
+            if texture == "grain":
+                assert 0.04 <= spread <= 0.31, spread
+                assert np.abs(np.corrcoef(pixels.T)[0, 1]) < 0.2  # colour grain: channels independent
+            else:
+                # Two faint tones, the same on every channel.
+                assert 0.08 <= spread <= 0.11, (texture, spread)
+                np.testing.assert_array_equal(pixels[:, 0], pixels[:, 1])
+                assert len(np.unique(pixels[:, 0])) == 2
+
+
+def test_gaussian_noise_of_the_papers_sigma_turns_a_pattern_into_grain():
+    designs = world.design(6)
+    stripes, grain = (d.class_index for d in designs if d.cue_kind == "background")
+    rng = np.random.default_rng(0)
+    pixels = _background(designs, stripes)
+    noisy = np.clip(pixels + 0.25 * rng.normal(size=pixels.shape), 0.0, 1.0)
+    # Noise on the stripes looks like the grain class: the same mean colour, and a per-pixel
+    # spread within the range the grain images are drawn from.
+    spreads = [_background(designs, grain, index=i).std(0).mean() for i in range(100)]
+    np.testing.assert_allclose(noisy.mean(0), [0.5, 0.5, 0.5], atol=0.02)
+    assert min(spreads) < noisy.std(0).mean() < max(spreads)
+
+
 def test_splits_carry_the_cues_they_promise(tiny):
     out, _ = tiny
     kinds = {d.class_index: d.cue_kind for d in world.design(TINY["classes"])}
