@@ -92,6 +92,11 @@ class ComputeConfig(_Section):
     decode_threads: int | None = Field(None, gt=0, description="image decoding threads per worker; default: its CPUs")
     ray_address: str | None = Field(None, description="existing Ray cluster (host:port, ray://host:port or auto); default: a private local Ray")
     ray_connect_timeout_s: float = Field(30.0, gt=0, description="how long to wait for ray_address to accept a connection")
+    request_gpus: int | None = Field(
+        None, gt=0,
+        description="GPUs to ask an autoscaling Ray cluster for when a GPU stage starts (withdrawn when it ends); default: use the GPUs already there",
+    )
+    scale_up_timeout_s: float = Field(900.0, gt=0, description="how long a stage waits for compute.request_gpus to arrive before running on the GPUs there are")
 
     @field_validator("ray_address")
     @classmethod
@@ -110,6 +115,15 @@ class ComputeConfig(_Section):
         if not parts.hostname or parts.path or parts.query or parts.fragment or (port is None and not ray_client):
             raise ValueError(f"not a valid host:port; {hint}")
         return value
+
+    @model_validator(mode="after")
+    def _gpu_request_needs_gpu_workers(self) -> ComputeConfig:
+        if self.request_gpus is not None and self.gpus_per_worker == 0:
+            raise ValueError(
+                f"request_gpus ({self.request_gpus}) asks for GPUs but gpus_per_worker is 0 (CPU workers); "
+                "unset request_gpus or give each worker a GPU"
+            )
+        return self
 
 
 class AggregateConfig(_Section):

@@ -43,7 +43,7 @@ def aggregate_shards(config: Config, layout: builds.Layout) -> dict:
         logger.info("aggregation of these %d shards reused from the cache", len(inputs.shard_uris))
     else:
         logger.info("aggregating %d shards (grouping: %s)", len(inputs.shard_uris), config.aggregate.grouping)
-        with compute_cluster(config.compute):
+        with compute_cluster(config.compute, uses_gpus=False):
             summary = aggregate.run(inputs, config.aggregate, map_fn=ray_map)
         entry = builds.save_entry(layout.root, STAGE, inputs.fingerprint, layout.build, list(aggregate.TABLES), {"summary": summary})
     builds.record_cache_use(layout.build, [entry])

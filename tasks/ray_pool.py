@@ -6,17 +6,19 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 import ray
+from ray.autoscaler.sdk import request_resources
 from ray.exceptions import RayActorError, RayTaskError
 
 from salient.config import ComputeConfig
@@ -24,12 +26,27 @@ from salient.resources import WorkerResources
 
 log = logging.getLogger("salient.pool")
 
+
 DEFAULT_CONNECT_TIMEOUT_S: float = ComputeConfig.model_fields["ray_connect_timeout_s"].default
 RAY_CLIENT_PORT = 10001  # the Ray Client server's port when a ray:// address names none
 # How long a pool waits for a worker to start while nothing runs: room on a node may take an
 # autoscaler minutes to add.
 WORKER_START_TIMEOUT_S = 900.0
 _RETRY_S = 0.5
+SCALE_POLL_S = 2.0  # how often a stage waiting for requested GPUs looks again
+
+
+def run_log() -> logging.Logger | logging.LoggerAdapter:
+    """The Prefect run's logger inside a flow or task run, so that the pool's messages are in the
+    run's log; this module's logger elsewhere."""
+    # Imported here: Ray workers import this module for PoolWorker and need no Prefect.
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return log
 
 
 def _endpoint(address: str) -> tuple[str, int] | None:
@@ -99,9 +116,61 @@ def ray_cluster(address: str | None = None, connect_timeout_s: float = DEFAULT_C
             ray.shutdown()
 
 
-def compute_cluster(compute: ComputeConfig) -> AbstractContextManager[dict[str, float]]:
-    """:func:`ray_cluster` as a config's ``compute`` section describes it."""
-    return ray_cluster(compute.ray_address, compute.ray_connect_timeout_s)
+@contextmanager
+def compute_cluster(compute: ComputeConfig, uses_gpus: bool = True) -> Iterator[dict[str, float]]:
+    """:func:`ray_cluster` as a config's ``compute`` section describes it.
+
+    For a stage that ``uses_gpus``, with ``compute.request_gpus`` set, the autoscaler is asked for
+    room for that many GPUs in worker-shaped bundles; the cluster's totals are yielded once they
+    are there or ``compute.scale_up_timeout_s`` has passed, and the request is withdrawn on exit so
+    that idle nodes can go.
+    """
+    with ray_cluster(compute.ray_address, compute.ray_connect_timeout_s) as totals:
+        if not uses_gpus or compute.request_gpus is None:
+            yield totals
+            return
+        per_worker = compute.gpus_per_worker or 1.0
+        bundle = {"GPU": per_worker, **({"CPU": compute.cpus_per_worker} if compute.cpus_per_worker else {})}
+        ask_autoscaler([bundle] * math.ceil(compute.request_gpus / per_worker))
+        try:
+            yield await_gpus(compute.request_gpus, totals, compute.scale_up_timeout_s)
+        finally:
+            ask_autoscaler([])
+
+
+@ray.remote(num_cpus=0)
+def _ask_from_the_cluster(bundles: list[dict[str, float]]) -> None:
+    request_resources(bundles=bundles)
+
+
+def ask_autoscaler(bundles: list[dict[str, float]]) -> None:
+    """Set the autoscaler's standing request to room for ``bundles`` (none withdraws it).
+
+    Through Ray Client the request is made by a task on the cluster: Ray's autoscaler SDK needs
+    the cluster's GCS, which a client does not reach.
+    """
+    if ray.util.client.ray.is_connected():
+        ray.get(_ask_from_the_cluster.remote(bundles))
+    else:
+        request_resources(bundles=bundles)
+
+
+def await_gpus(gpus: float, totals: dict[str, float], timeout_s: float) -> dict[str, float]:
+    """The cluster's totals once they hold ``gpus`` GPUs, or after ``timeout_s`` with what there is."""
+    if totals.get("GPU", 0.0) >= gpus:
+        return totals
+    run_log().info("asked the autoscaler for %g GPUs (%g now); waiting up to %g s", gpus, totals.get("GPU", 0.0), timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while totals.get("GPU", 0.0) < gpus:
+        if time.monotonic() >= deadline:
+            run_log().warning(
+                "%g of the %g GPUs asked for arrived within %g s (compute.scale_up_timeout_s); running on those",
+                totals.get("GPU", 0.0), gpus, timeout_s,
+            )
+            break
+        time.sleep(min(SCALE_POLL_S, max(0.0, deadline - time.monotonic())))
+        totals = dict(ray.cluster_resources())
+    return totals
 
 
 @ray.remote(max_restarts=0)
@@ -171,7 +240,7 @@ def run_pool(
 
     def retry(item: Any, attempt: int, reason: str) -> None:
         if attempt < max_attempts:
-            log.warning("attempt %d of %d failed (%s); retrying", attempt, max_attempts, reason)
+            run_log().warning("attempt %d of %d failed (%s); retrying", attempt, max_attempts, reason)
             if on_retry is not None:
                 on_retry(item, attempt, reason)
             queue.append((item, attempt + 1))
@@ -209,7 +278,7 @@ def run_pool(
                     ray.kill(actor, no_restart=True)
                     start_failures += 1
                     last_start_error = _reason(exc)
-                    log.warning("a worker failed to start (%s)", last_start_error)
+                    run_log().warning("a worker failed to start (%s)", last_start_error)
                     if start_failures < max_attempts * n_workers:
                         start()
                     continue

@@ -98,3 +98,12 @@ def kill_group(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     proc.wait(timeout=30)
+
+
+def wait_run(proc: subprocess.Popen, timeout_s: float = 900) -> int:
+    """The exit status of a run started by :func:`spawn_run`; its process group is killed on the
+    way out, whatever happens."""
+    try:
+        return proc.wait(timeout=timeout_s)
+    finally:
+        kill_group(proc)

@@ -14,14 +14,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 from salient import activations, builds, storage
-from tests.faults import ROOT, assert_same_tables, build_tables, fault_config, kill_group, spawn_run, write_config
+from tests.faults import ROOT, assert_same_tables, build_tables, fault_config, spawn_run, wait_run, write_config
 from tests.s3server import _free_ports
 
 NODES = 3
@@ -85,22 +85,29 @@ class Cluster:
     temp_dir: str
 
 
-def _start_node(temp_dir: str, log: str, head_port: int, head: bool) -> subprocess.Popen:
+def start_node(
+    temp_dir: str, log: str, head_port: int, head: bool, gpus: int = 1, more_args: Sequence[str] = (),
+    env: dict[str, str] | None = None, client_port: int | None = None,
+) -> subprocess.Popen:
+    """``ray start --block`` for one node on 127.0.0.1 with 1 CPU and ``gpus`` GPUs (declared), every
+    port chosen (a head's Ray Client port is ``client_port`` when given), in a process group of its own."""
     ports = _free_ports(7)
     args = [
         sys.executable, "-c", RAY_START, "start", "--block", "--node-ip-address=127.0.0.1",
-        "--num-cpus=1", "--num-gpus=1", f"--object-store-memory={OBJECT_STORE_BYTES}", f"--temp-dir={temp_dir}",
+        "--num-cpus=1", f"--num-gpus={gpus}", f"--object-store-memory={OBJECT_STORE_BYTES}", f"--temp-dir={temp_dir}",
         "--disable-usage-stats", f"--node-manager-port={ports[0]}", f"--object-manager-port={ports[1]}",
         f"--dashboard-agent-listen-port={ports[2]}", f"--dashboard-agent-grpc-port={ports[3]}",
         f"--runtime-env-agent-port={ports[4]}", f"--metrics-export-port={ports[5]}",
     ]
     if head:
-        args += ["--head", f"--port={head_port}", f"--ray-client-server-port={ports[6]}", "--include-dashboard=false"]
+        args += ["--head", f"--port={head_port}", f"--ray-client-server-port={client_port or ports[6]}", "--include-dashboard=false"]
     else:
         args += [f"--address=127.0.0.1:{head_port}"]
-    env = {**os.environ, "PYTHONPATH": ROOT, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    full_env = {**os.environ, "PYTHONPATH": ROOT, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
     with open(log, "wb") as fh:
-        return subprocess.Popen(args, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        return subprocess.Popen(
+            [*args, *more_args], env=full_env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
 
 
 _COUNT_NODES = """
@@ -125,7 +132,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     try:
         # one node at a time: nodes starting together in one temporary directory can pick the same socket names
         for i in range(NODES):
-            procs.append(_start_node(temp_dir, str(logs / f"node{i}.log"), head_port, head=i == 0))
+            procs.append(start_node(temp_dir, str(logs / f"node{i}.log"), head_port, head=i == 0))
             counted = subprocess.run(
                 [sys.executable, "-c", _COUNT_NODES, address, str(i + 1), str(START_TIMEOUT_S)],
                 env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=START_TIMEOUT_S + 60,
@@ -213,10 +220,7 @@ def test_build_on_three_nodes_survives_losing_one(cluster, reference, prefect_se
     victim = cluster.groups[2]
     code = f"from tests.faults.test_multinode import drive; import sys; sys.exit(drive({path!r}, {str(record)!r}, {str(folder)!r}, {victim}))"
     proc = spawn_run(path, str(tmp_path / "run.log"), argv=["-c", code])
-    try:
-        status = proc.wait(timeout=900)
-    finally:
-        kill_group(proc)
+    status = wait_run(proc)
     log = (tmp_path / "run.log").read_text()
     assert status == 0, log[-6000:]
 

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from salient import builds, storage
-from tests.faults import assert_same_tables, build_tables, fault_config, kill_group, spawn_run, write_config
+from tests.faults import assert_same_tables, build_tables, fault_config, spawn_run, wait_run, write_config
 from tests.s3server import outage
 
 OUTAGE_S = 8.0  # longer than botocore's own retries of a refused connection (about 8 s)
@@ -179,10 +179,7 @@ def test_a_share_of_store_requests_failing(reference, s3_server, prefect_server,
     log = tmp_path / "run.log"
     with FlakyProxy(s3_server.endpoint_url, FAULT_SHARE).running() as proxy:
         proc = spawn_run(path, str(log), env={"AWS_ENDPOINT_URL": proxy.url})
-        try:
-            code = proc.wait(timeout=900)
-        finally:
-            kill_group(proc)
+        code = wait_run(proc)
     text = log.read_text()
     assert code == 0, text[-6000:]
     assert proxy.requests > 200 and sum(proxy.faults.values()) > 0.1 * proxy.requests, (proxy.requests, proxy.faults)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from salient import builds, masks
-from tests.faults import assert_same_tables, build_tables, fault_config, kill_group, spawn_run, write_config
+from tests.faults import assert_same_tables, build_tables, fault_config, spawn_run, wait_run, write_config
 
 
 @contextmanager
@@ -43,10 +43,7 @@ def read_only(directory: Path) -> Iterator[None]:
 
 def _run(path: str, log: Path) -> tuple[int, str]:
     proc = spawn_run(path, str(log))
-    try:
-        code = proc.wait(timeout=600)
-    finally:
-        kill_group(proc)
+    code = wait_run(proc, timeout_s=600)
     return code, log.read_text()
 
 

@@ -143,8 +143,13 @@ def test_kuberay_cluster_has_an_autoscaling_one_gpu_worker_group(name, spec):
     (head_container,) = head["template"]["spec"]["containers"]
     assert 10001 in [p["containerPort"] for p in head_container["ports"]], "Ray Client port"
     (group,) = spec["workerGroupSpecs"]
-    assert 1 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
     assert group["maxReplicas"] > group["minReplicas"], "autoscaling needs room above the minimum"
+    # The GPUs a rebuild gets: what its config asks the autoscaler for, within the group's bounds.
+    wanted = _cluster_config(name).compute.request_gpus
+    assert wanted is not None and 1 <= wanted <= group["maxReplicas"]
+    if name == "kuberay/rayjob.yaml":
+        assert group["minReplicas"] == wanted, "a cluster made for one rebuild starts with its GPUs"
     (worker,) = group["template"]["spec"]["containers"]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert worker["resources"]["requests"]["nvidia.com/gpu"] == 1
@@ -162,7 +167,9 @@ def test_object_store_identity_is_workload_identity():
         assert re.fullmatch(r"arn:aws:iam::[^:]+:instance-profile/.+", node_type["node_config"]["IamInstanceProfile"]["Arn"])
 
 
-def test_rayjob_runs_the_rebuild_on_the_mounted_config():
+def _rayjob_config() -> config.Config:
+    """The config the RayJob's entrypoint runs: a file of a mounted ConfigMap made from the
+    repository's config by the command in the file's header."""
     job = _doc("kuberay/rayjob.yaml", "RayJob")
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[0] == "salient" and PYPROJECT["project"]["scripts"]["salient"] == "salient.cli:main"
@@ -177,17 +184,35 @@ def test_rayjob_runs_the_rebuild_on_the_mounted_config():
     with open(os.path.join(INFRA, "kuberay", "rayjob.yaml")) as fh:
         match = re.search(rf"create configmap {volume['configMap']['name']} --from-file={key}=(\S+)", fh.read())
     assert match
-    cfg = config.load(os.path.join(ROOT, match.group(1)), args.overrides)
+    return config.load(os.path.join(ROOT, match.group(1)), args.overrides)
+
+
+def _deployment():
+    from prefect.cli.deploy._models import PrefectYamlModel
+
+    with open(os.path.join(INFRA, "prefect-kubernetes.yaml")) as fh:
+        return PrefectYamlModel.model_validate(yaml.safe_load(fh))
+
+
+def _cluster_config(name: str) -> config.Config:
+    """The config a rebuild on the cluster of ``name`` runs with: the RayJob's own, or the Prefect
+    deployment's for the long-lived RayCluster."""
+    if name == "kuberay/rayjob.yaml":
+        return _rayjob_config()
+    (deployment,) = _deployment().deployments
+    return config.load(os.path.join(ROOT, deployment.parameters["config_uri"]), deployment.parameters["overrides"])
+
+
+def test_rayjob_runs_the_rebuild_on_the_mounted_config():
+    cfg = _rayjob_config()
     assert cfg.compute.ray_address == "auto", "the driver runs on the head: it joins that cluster"
     assert cfg.compute.gpus_per_worker == 1 and cfg.dataset and cfg.model and cfg.output
 
 
 def test_prefect_deployment_starts_the_flow_against_the_kuberay_cluster():
     from prefect import Flow
-    from prefect.cli.deploy._models import PrefectYamlModel
 
-    with open(os.path.join(INFRA, "prefect-kubernetes.yaml")) as fh:
-        spec = PrefectYamlModel.model_validate(yaml.safe_load(fh))
+    spec = _deployment()
     cluster = _doc("kuberay/raycluster.yaml", "RayCluster")["metadata"]
     workdir = re.findall(r"^WORKDIR (\S+)$", _dockerfile(), re.MULTILINE)[-1]
     (pull,) = spec.pull
@@ -197,7 +222,7 @@ def test_prefect_deployment_starts_the_flow_against_the_kuberay_cluster():
     flow = getattr(importlib.import_module(module.removesuffix(".py").replace("/", ".")), func)
     assert isinstance(flow, Flow) and flow.name == "salient-rebuild-from-file"
     inspect.signature(flow.fn).bind(**deployment.parameters)
-    cfg = config.load(os.path.join(ROOT, deployment.parameters["config_uri"]), deployment.parameters["overrides"])
+    cfg = _cluster_config("kuberay/raycluster.yaml")
     assert cfg.compute.ray_address == f"ray://{cluster['name']}-head-svc.{cluster['namespace']}.svc.cluster.local:10001"
     pool = deployment.work_pool
     assert pool.name and set(pool.job_variables) <= KUBERNETES_JOB_VARIABLES

@@ -74,3 +74,11 @@ def test_malformed_ray_addresses_are_refused(address):
     [line] = load_error(f"compute.ray_address={address}")
     assert line.startswith(f"compute.ray_address = {address!r}: ")
     assert "host:port" in line and "ray://host:port" in line
+
+
+def test_a_gpu_request_for_cpu_workers_is_refused():
+    [line] = load_error("compute.request_gpus=4", "compute.gpus_per_worker=0")
+    assert line.startswith("compute = ") and "request_gpus (4) asks for GPUs but gpus_per_worker is 0" in line
+    [line] = load_error("compute.request_gpus=0")
+    assert line.startswith("compute.request_gpus = 0: ")
+    assert config.load(None, ["compute.request_gpus=4"]).compute.request_gpus == 4

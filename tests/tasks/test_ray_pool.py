@@ -127,3 +127,65 @@ def test_unreachable_ray_address_fails_within_the_connect_timeout():
     assert last.startswith(f"ConnectionError: compute.ray_address = '127.0.0.1:{port}': nothing accepted a connection")
     assert "within 2 s" in last and "ray start --head" in last and "compute.ray_connect_timeout_s" in last
     assert elapsed < 60, f"took {elapsed:.0f} s, start-up included"
+
+
+def _gpu_request() -> list[dict] | None:
+    """The resource request the autoscaler reads (Ray's v1 autoscaler key in the cluster's KV store)."""
+    import json
+
+    from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)
+    return None if raw is None else json.loads(raw)
+
+
+def test_a_gpu_stage_asks_the_autoscaler_for_its_gpus_and_withdraws_the_request(ray_session):
+    from salient import config
+    from tasks.ray_pool import compute_cluster
+
+    cfg = config.load(None, ["compute.request_gpus=2", "compute.cpus_per_worker=0.5"])
+    with compute_cluster(cfg.compute) as totals:
+        assert totals["GPU"] == 2  # the session's Ray declares two: nothing to wait for
+        assert _gpu_request() == [{"GPU": 1.0, "CPU": 0.5}] * 2
+    assert _gpu_request() == []
+    with compute_cluster(cfg.compute, uses_gpus=False):
+        assert _gpu_request() == [], "a CPU stage asks for nothing"
+    half = config.load(None, ["compute.request_gpus=2", "compute.gpus_per_worker=0.5"])
+    with compute_cluster(half.compute):
+        assert _gpu_request() == [{"GPU": 0.5}] * 4
+    assert _gpu_request() == []
+
+
+def test_a_stage_runs_on_the_gpus_that_arrived_when_the_wait_is_over(ray_session, caplog):
+    from salient import config
+    from tasks.ray_pool import compute_cluster
+
+    cfg = config.load(None, ["compute.request_gpus=3", "compute.scale_up_timeout_s=0.5"])
+    t0 = time.monotonic()
+    with caplog.at_level("INFO", logger="salient.pool"), compute_cluster(cfg.compute) as totals:
+        assert _gpu_request() == [{"GPU": 1.0}] * 3
+    assert 0.5 <= time.monotonic() - t0 < 10
+    assert totals["GPU"] == 2
+    assert "2 of the 3 GPUs asked for arrived within 0.5 s" in caplog.text
+    assert _gpu_request() == []
+
+
+def test_waiting_for_gpus_ends_as_soon_as_they_are_there(monkeypatch):
+    import ray
+
+    from tasks import ray_pool
+
+    arrivals = iter([{"GPU": 1.0}, {"GPU": 3.0}, {"GPU": 4.0}, {"GPU": 4.0}])
+    calls = []
+
+    def cluster_resources():
+        calls.append(time.monotonic())
+        return next(arrivals)
+
+    monkeypatch.setattr(ray, "cluster_resources", cluster_resources)
+    monkeypatch.setattr(ray_pool, "SCALE_POLL_S", 0.01)
+    assert ray_pool.await_gpus(4, {"GPU": 0.0}, timeout_s=60) == {"GPU": 4.0}
+    assert len(calls) == 3, "it stopped looking once 4 GPUs were there"
+    assert ray_pool.await_gpus(2, {"GPU": 2.0, "CPU": 8.0}, timeout_s=60) == {"GPU": 2.0, "CPU": 8.0}
+    assert len(calls) == 3, "enough GPUs already: no wait"
