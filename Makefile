@@ -41,7 +41,8 @@ test: $(STAMP)
 	fi
 	$(BIN)/python -m pytest -q --durations=15 -m "not heavy"
 
-# Fault injection on whole builds (S3 outage, failing requests, unwritable output) and a 3-node Ray cluster.
+# Fault injection on whole builds (S3 outage, failing requests, unwritable output), builds on a
+# 3-node and on an autoscaling Ray cluster, and the full demo with its sensitivity claim.
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15 -m heavy
 

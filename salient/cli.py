@@ -452,10 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in exc.lines:
             print(f"salient: config error: {line}", file=sys.stderr)
         return EXIT_CONFIG
-    except ValueError as exc:
-        print(f"salient: error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except ConnectionError as exc:
+    except (ValueError, ConnectionError) as exc:  # ConnectionError: an unreachable compute.ray_address
         print(f"salient: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except OSError as exc:

@@ -187,8 +187,8 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
 
 def remove(uri: str, recursive: bool = False) -> None:
     """Delete ``uri`` if it exists."""
-    fs, path = url_to_fs(uri)
-    if retrying(lambda: fs.exists(path), f"exists {uri}"):
+    if exists(uri):
+        fs, path = url_to_fs(uri)
         retrying(lambda: fs.rm(path, recursive=recursive), f"remove {uri}")
 
 
@@ -330,9 +330,9 @@ def list_files(uri: str) -> list[str]:
     """The paths, relative to ``uri``, of every object under it (sorted; empty when it is missing).
 
     Hidden names (temporary files of unfinished writes) are left out."""
-    fs, path = url_to_fs(uri)
-    if not retrying(lambda: fs.exists(path), f"exists {uri}"):
+    if not exists(uri):
         return []
+    fs, path = url_to_fs(uri)
     base = path.rstrip("/") + "/"
     rels = (p[len(base):] for p in retrying(lambda: fs.find(path), f"list {uri}") if p.startswith(base))
     return sorted(r for r in rels if not any(part.startswith(".") for part in r.split("/")))

@@ -26,7 +26,6 @@ from salient.resources import WorkerResources
 
 log = logging.getLogger("salient.pool")
 
-
 DEFAULT_CONNECT_TIMEOUT_S: float = ComputeConfig.model_fields["ray_connect_timeout_s"].default
 RAY_CLIENT_PORT = 10001  # the Ray Client server's port when a ray:// address names none
 # How long a pool waits for a worker to start while nothing runs: room on a node may take an
