@@ -6,10 +6,7 @@ again once the request is withdrawn."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -17,35 +14,13 @@ from collections.abc import Iterator
 import pytest
 
 from salient import activations, builds, storage
-from tests.faults import ROOT, assert_same_tables, build_tables, fault_config, spawn_run, wait_run, write_config
-from tests.faults.test_multinode import OBJECT_STORE_BYTES, kill_node, start_node
+from tests.faults import assert_same_tables, build_tables, fault_config, spawn_run, wait_run, write_config
+from tests.faults.test_multinode import OBJECT_STORE_BYTES, cluster_state, kill_node, start_node
 from tests.s3server import _free_ports
 
 GPU_NODES = 2
 IDLE_TIMEOUT_S = 15
 START_TIMEOUT_S = 180.0
-
-_CLUSTER = """
-import json, sys, time, ray
-ray.init(address=sys.argv[1], logging_level="ERROR")
-deadline = time.monotonic() + float(sys.argv[3])
-while ray.cluster_resources().get("GPU", 0) != float(sys.argv[2]) and time.monotonic() < deadline:
-    time.sleep(0.5)
-alive = [n for n in ray.nodes() if n["Alive"]]
-print("STATE", json.dumps({"gpus": ray.cluster_resources().get("GPU", 0), "addresses": sorted(n["NodeManagerAddress"] for n in alive)}))
-"""
-
-
-def cluster_state(address: str, gpus: int, timeout_s: float) -> dict:
-    """The cluster's GPUs and node addresses once it has ``gpus`` GPUs, or after ``timeout_s``."""
-    done = subprocess.run(
-        [sys.executable, "-c", _CLUSTER, address, str(gpus), str(timeout_s)],
-        env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=timeout_s + 60,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    # The driver also prints the autoscaler's events.
-    [state] = [line.split(" ", 1)[1] for line in done.stdout.splitlines() if line.startswith("STATE ")]
-    return json.loads(state)
 
 
 def autoscaler_config(gcs_address: str) -> dict:

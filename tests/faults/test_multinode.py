@@ -110,14 +110,27 @@ def start_node(
         )
 
 
-_COUNT_NODES = """
-import sys, time, ray
+_CLUSTER = """
+import json, sys, time, ray
 ray.init(address=sys.argv[1], logging_level="ERROR")
 deadline = time.monotonic() + float(sys.argv[3])
-while len([n for n in ray.nodes() if n["Alive"]]) < int(sys.argv[2]) and time.monotonic() < deadline:
+while ray.cluster_resources().get("GPU", 0) != float(sys.argv[2]) and time.monotonic() < deadline:
     time.sleep(0.2)
-print(len([n for n in ray.nodes() if n["Alive"]]))
+alive = [n for n in ray.nodes() if n["Alive"]]
+print("STATE", json.dumps({"gpus": ray.cluster_resources().get("GPU", 0), "addresses": sorted(n["NodeManagerAddress"] for n in alive)}))
 """
+
+
+def cluster_state(address: str, gpus: int, timeout_s: float) -> dict:
+    """The cluster's GPUs and its live nodes' addresses once it has ``gpus`` GPUs, or after ``timeout_s``."""
+    done = subprocess.run(
+        [sys.executable, "-c", _CLUSTER, address, str(gpus), str(timeout_s)],
+        env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=timeout_s + 60,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    # The driver also prints the autoscaler's events.
+    [state] = [line.split(" ", 1)[1] for line in done.stdout.splitlines() if line.startswith("STATE ")]
+    return json.loads(state)
 
 
 @pytest.fixture(scope="module")
@@ -133,13 +146,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         # one node at a time: nodes starting together in one temporary directory can pick the same socket names
         for i in range(NODES):
             procs.append(start_node(temp_dir, str(logs / f"node{i}.log"), head_port, head=i == 0))
-            counted = subprocess.run(
-                [sys.executable, "-c", _COUNT_NODES, address, str(i + 1), str(START_TIMEOUT_S)],
-                env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=START_TIMEOUT_S + 60,
-            )
-            if counted.stdout.strip() != str(i + 1):
+            up = len(cluster_state(address, i + 1, START_TIMEOUT_S)["addresses"])  # one GPU a node
+            if up != i + 1:
                 tails = "\n".join((logs / f"node{k}.log").read_text()[-1500:] for k in range(i + 1))
-                raise RuntimeError(f"{counted.stdout.strip()} of {i + 1} Ray nodes came up: {counted.stderr[-2000:]}\n{tails}")
+                raise RuntimeError(f"{up} of {i + 1} Ray nodes came up\n{tails}")
         yield Cluster(address, [p.pid for p in procs], temp_dir)
     finally:
         for proc in procs:
