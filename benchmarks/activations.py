@@ -47,17 +47,17 @@ def baseline(root: Path, net: torch.nn.Module) -> tuple[float, np.ndarray]:
 
 def ours(root: Path, ckpt: str, out: Path) -> tuple[float, np.ndarray, list[dict]]:
     """Seconds for the whole activation stage (flow, Ray, shard files), its features by image_id, and shard stats."""
-    from flows.activations import activations_flow
+    from flows.rebuild import rebuild_flow
 
     cfg = config.load(None, [f"dataset.root={root}", f"model.checkpoint={ckpt}", f"output={out}"])
     t0 = time.perf_counter()
-    activations_flow(cfg)
+    build = Path(rebuild_flow(cfg, ["activations"])["build"])  # the stage alone, as `salient activations` runs it
     seconds = time.perf_counter() - t0
-    parts = sorted(p for p in os.listdir(out / "activations") if p.endswith(".parquet"))
-    table = pa.concat_tables(pq.read_table(out / "activations" / p) for p in parts).sort_by("image_id")
+    parts = sorted(p for p in os.listdir(build / "activations") if p.endswith(".parquet"))
+    table = pa.concat_tables(pq.read_table(build / "activations" / p) for p in parts).sort_by("image_id")
     import json
 
-    stats = [json.loads((out / "activations" / p.replace(".parquet", ".json")).read_text()) for p in parts]
+    stats = [json.loads((build / "activations" / p.replace(".parquet", ".json")).read_text()) for p in parts]
     return seconds, np.asarray(table.column("features").to_pylist(), dtype=np.float32), stats
 
 

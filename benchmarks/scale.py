@@ -3,7 +3,7 @@
 Planning runs the stage's own code on a synthetic object store shaped like ImageNet train (1,000
 class folders, 1,281 or 1,282 files each; every LIST request returns at most 1,000 keys and costs a
 fixed latency): ``plan.write_plan`` (list in parallel, ImageFolder order, shards, plan.parquet)
-and then the activation stage's work list (``activations.shard_tasks``). Aggregation streams
+and then the activation stage's work list (its shards not committed yet). Aggregation streams
 activation shards, written to disk in the stage's format and cut by that plan, through
 ``aggregate.run``: in one process (``local_map``) and, with ``--ray``, on a local Ray as the stage
 runs it (``ray_map``). Every run is its own process; peak memory is that process's peak RSS, and
@@ -36,13 +36,17 @@ import pyarrow.parquet as pq
 
 from benchmarks.common import environment, save
 from benchmarks.listing import SlowListingFS
-from salient import activations, aggregate, plan, storage
-from salient.config import AggregateConfig, ModelConfig, PreprocessConfig
+from salient import activations, aggregate, builds, plan, storage
+from salient.config import AggregateConfig, ComputeConfig, Config, DatasetConfig, ModelConfig
+from salient.preflight import Preflight
+from salient.stage import Run, committed_result
+from salient.stages.activations import Activations
 
 IMAGENET_TRAIN = 1_281_167
 CLASSES = 1000
 PAGE = 1000  # keys per LIST response (S3's maximum)
 ROOT = "imagenetlist:///train"
+BUILD_ID = "bench"  # the build, under a temporary output root, that the children share
 
 
 class ImageNetListingFS(SlowListingFS):
@@ -115,21 +119,28 @@ class TreeRSS:
         self.peak_mb = max(self.peak_mb, self._sample())
 
 
-def plan_child(out: str, images: int, latency: float, shard_size: int) -> dict:
-    """The planning task and the activation stage's work list, timed, in this process."""
+def plan_child(root: str, images: int, latency: float, shard_size: int) -> dict:
+    """The planning task and the activation stage's work list, timed, in this process, into the
+    build ``BUILD_ID`` of the output root ``root``."""
     import fsspec
 
     fsspec.register_implementation(ImageNetListingFS.protocol, ImageNetListingFS, clobber=True)
     ImageNetListingFS.images, ImageNetListingFS.classes, ImageNetListingFS.latency = images, CLASSES, latency
+    cfg = Config(
+        dataset=DatasetConfig(root=ROOT), model=ModelConfig(checkpoint="unused"), compute=ComputeConfig(shard_size=shard_size), output=root,
+    )
+    # no checkpoint here: the digest a pre-flight would have read stands in for it in the stage's key
+    run = Run(cfg, builds.Layout(root, BUILD_ID), Preflight(digests={"unused": "bench"}))
     rss_before = _peak_rss_mb()
     t0 = time.perf_counter()
-    summary = plan.write_plan(ROOT, out, shard_size)
+    summary = plan.write_plan(ROOT, run.build, shard_size)
     t1 = time.perf_counter()
-    todo, done = activations.shard_tasks(ROOT, out, "bench", ModelConfig(checkpoint="unused"), PreprocessConfig())
+    items = Activations().shards(run)
+    todo = [item.payload for item in items if committed_result(run, item) is None]
     t2 = time.perf_counter()
     # independent checks: every file once, in ImageFolder order, in shards of at most shard_size
     sizes = ImageNetListingFS.class_sizes()
-    assert summary["images"] == images and summary["shards"] == len(todo) and not done
+    assert summary["images"] == images and summary["shards"] == len(todo) == len(items)
     ids = [i for t in todo for i in t.shard.image_ids]
     assert ids == list(range(images)) and max(len(t.shard) for t in todo) <= shard_size
     labels = [c for t in todo for c in t.shard.labels]
@@ -138,7 +149,7 @@ def plan_child(out: str, images: int, latency: float, shard_size: int) -> dict:
     assert first.relpaths[:2] == ["n00000000/n00000000_0.JPEG", "n00000000/n00000000_1.JPEG"]
     return {
         "images": summary["images"], "shards": summary["shards"], "list_requests": 1 + sum(math.ceil(n / PAGE) for n in sizes),
-        "seconds": {"write_plan": t1 - t0, "shard_tasks": t2 - t1}, "peak_rss_mb": _peak_rss_mb(), "rss_before_mb": rss_before,
+        "seconds": {"write_plan": t1 - t0, "work_list": t2 - t1}, "peak_rss_mb": _peak_rss_mb(), "rss_before_mb": rss_before,
     }
 
 
@@ -213,11 +224,11 @@ def main() -> None:
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        kind, out = args.child[:2]
+        kind, path = args.child[:2]  # plan: the output root; aggregate: the build directory
         if kind == "plan":
-            result = plan_child(out, args.images, args.latency_ms / 1000, args.shard_size)
+            result = plan_child(path, args.images, args.latency_ms / 1000, args.shard_size)
         else:
-            result = aggregate_child(out, args.width, args.child[2])
+            result = aggregate_child(path, args.width, args.child[2])
         print(json.dumps(result))
         return
 
@@ -225,14 +236,15 @@ def main() -> None:
         planned = _in_child("--images", str(args.images), "--latency-ms", str(args.latency_ms),
                             "--shard-size", str(args.shard_size), "--child", "plan", tmp)
         print("plan", planned, flush=True)
+        out = builds.build_dir(tmp, BUILD_ID)
         t0 = time.perf_counter()
-        uris, nbytes, predicted = write_shards(tmp, args.width)
+        uris, nbytes, predicted = write_shards(out, args.width)
         write_s = time.perf_counter() - t0
-        Path(tmp, "world.json").write_text(json.dumps({"uris": uris, "predicted": predicted}))
+        Path(out, "world.json").write_text(json.dumps({"uris": uris, "predicted": predicted}))
         print(f"wrote {len(uris)} shards ({nbytes / 1e6:.0f} MB) in {write_s:.0f}s", flush=True)
         runs = {}
         for mode in ("local", "ray") if args.ray else ("local",):
-            runs[mode] = _in_child("--width", str(args.width), "--child", "aggregate", tmp, mode)
+            runs[mode] = _in_child("--width", str(args.width), "--child", "aggregate", out, mode)
             print(mode, runs[mode], flush=True)
 
     n = planned["images"]
@@ -254,7 +266,7 @@ def main() -> None:
         f"**Planning** (synthetic object store, {args.latency_ms:g} ms per LIST page of up to {PAGE:,} keys, "
         f"{planned['list_requests']:,} requests): list + order + cut {planned['shards']} shards + write plan.parquet "
         f"{planned['seconds']['write_plan']:.1f} s, the activation stage's work list "
-        f"{planned['seconds']['shard_tasks']:.1f} s; peak RSS {planned['peak_rss_mb']:,.0f} MB.\n\n"
+        f"{planned['seconds']['work_list']:.1f} s; peak RSS {planned['peak_rss_mb']:,.0f} MB.\n\n"
         f"**Aggregation** of {n:,} rows x {args.width} float16 features ({nbytes / 1e6:,.0f} MB of shards on disk, "
         "streamed one shard at a time; both passes, all five tables):\n\n"
         "| run | seconds | peak RSS (MB) |\n|---|---|---|\n"

@@ -162,7 +162,8 @@ def _mask_rows(rels: list[str]) -> pa.Table:
 def measure_generalize(root: Path, out: Path, ckpt: str, threads: int, rels: list[str]) -> dict:
     rows = _mask_rows(rels)
     cfg = GeneralizeConfig(masks_per_shard=max(1, len(rels) // 2))
-    todo, n_blocks, index_fp = masks.prepare(str(out), str(root), rows, 224, cfg, "bench")
+    todo = masks.prepare(str(out), str(root), rows, 224, cfg, "bench")  # a new build: every block is to do
+    n_blocks, index_fp = len(todo), masks.index_fingerprint("bench", rows)
     runner = masks.MaskRunner(ModelConfig(checkpoint=ckpt, arch="resnet50"), PreprocessConfig(), batch_size=BATCH, threads=threads, device="cpu")
     with torch.inference_mode():
         runner.net(torch.rand(4, 3, 224, 224).contiguous(memory_format=torch.channels_last))
@@ -237,7 +238,10 @@ def serial_seconds() -> dict:
     out: dict = {}
     scale = _load_result("scale")
     if scale is not None:
-        out["plan"] = scale["plan"]["seconds"]["write_plan"] + scale["plan"]["seconds"]["shard_tasks"]
+        seconds = scale["plan"]["seconds"]
+        # the activation stage's work list ("shard_tasks" in results saved before the stage registry)
+        work_list = seconds["work_list"] if "work_list" in seconds else seconds["shard_tasks"]
+        out["plan"] = seconds["write_plan"] + work_list
         out["aggregate_cpu"] = scale["aggregate"]["local"]["seconds"] * 2048 / scale["features"]
         out["aggregate_measured_width"] = scale["features"]
     acts = _load_result("activations")

@@ -1,1 +1,1 @@
-"""Prefect flows: the stages of a Salient build, orchestrated."""
+"""Prefect flows: the rebuild, which walks the stage registry; every command runs it."""

@@ -1,10 +1,13 @@
-"""The rebuild: every stage as one Prefect flow, and the same flow for scheduled deployments.
+"""The rebuild: the stages of the registry as one Prefect flow, and the same flow for scheduled
+deployments. Every command that runs stages runs this flow, once.
 
-validate -> lease -> plan -> activations -> aggregate -> discover -> simulated annotators (synthetic
-worlds only) -> ingest -> generalize -> evaluate (when models are configured) -> report -> manifest
--> publish. Each run writes one build under ``OUT/builds/<build_id>/`` (an unfinished one is
-resumed), taking every result computed before from the cache, so a rebuild with nothing changed
-recomputes nothing; ``latest`` moves only when the manifest is written.
+pre-flight -> lease -> build -> each stage of the registry that applies (activations, aggregate,
+discover, simulated annotators where the dataset has ground truth, ingest, generalize, evaluate
+where models are configured, report) -> manifest -> publish. One Ray session serves every stage
+and is stopped at the end. A full run writes one build under ``OUT/builds/<build_id>/`` (an
+unfinished one is resumed), taking every result made before from the cache, so a rebuild with
+nothing changed recomputes nothing; ``latest`` moves only when the manifest is written. A subset of
+stages runs on the ``current`` build and publishes nothing.
 """
 
 from __future__ import annotations
@@ -14,52 +17,17 @@ import time
 
 from prefect import flow, get_run_logger
 
-from salient import builds, groundtruth, storage
+from salient import builds, preflight, storage, tables
+from salient import stages as registry
 from salient import config as cfgmod
-from tasks.activations import compute_activations, plan_images, summarize_activations
-from tasks.aggregate import aggregate_shards
-from tasks.annotations import ingest_answers, simulate_answers
-from tasks.discover import discover_pairs
-from tasks.evaluate import evaluate_models
-from tasks.generalize import generalize_masks
-from tasks.report import write_report
+from salient.stage import Run
+from tasks.ray_pool import RayExecutor
+from tasks.stage import run_stage
 
 
-def _has_groundtruth(config: cfgmod.Config) -> bool:
-    if config.dataset is None:
-        return False
-    try:
-        groundtruth.find(config.dataset.root, config.dataset.groundtruth)
-    except ValueError:
-        return False
-    return True
-
-
-def default_stages(config: cfgmod.Config) -> list[str]:
-    """Every stage that applies: the simulated annotators only where the dataset has ground truth,
-    evaluation only where models are configured."""
-    stages = list(cfgmod.STAGES)
-    if not _has_groundtruth(config):
-        stages.remove("simulate")
-    if not config.evaluate.models:
-        stages.remove("evaluate")
-    return stages
-
-
-def run_stage(name: str, config: cfgmod.Config, layout: builds.Layout) -> dict:
-    """One stage's Prefect tasks, inside the calling flow."""
-    if name == "activations":
-        plan_images(config, layout)
-        return summarize_activations(config, layout, compute_activations(config, layout))
-    return {
-        "aggregate": aggregate_shards, "discover": discover_pairs, "simulate": simulate_answers,
-        "ingest": lambda c, lay: ingest_answers(c, lay, []), "generalize": generalize_masks,
-        "evaluate": evaluate_models, "report": write_report,
-    }[name](config, layout)
-
-
-def _facts(config: cfgmod.Config, layout: builds.Layout, results: dict, seconds: dict[str, float]) -> dict:
+def _facts(run: Run, results: dict, seconds: dict[str, float]) -> dict:
     """What the manifest records besides what every manifest has."""
+    config = run.config
     counts: dict[str, int] = {}
     if "activations" in results:
         a = results["activations"]
@@ -72,14 +40,14 @@ def _facts(config: cfgmod.Config, layout: builds.Layout, results: dict, seconds:
     if "generalize" in results:
         counts.update(masks=results["generalize"]["masks"])
     fingerprints = {}
-    for rel in storage.list_files(layout.build):
-        if rel.endswith(".parquet") and not rel.startswith(("activations/", "masks/blocks/")):
-            fingerprints[rel] = storage.parquet_metadata(storage.join(layout.build, rel)).get("fingerprint")
+    for rel in storage.list_files(run.build):
+        if rel.endswith(".parquet") and not rel.startswith((f"{tables.ACTIVATIONS_DIR}/", f"{tables.MASK_BLOCKS}/")):
+            fingerprints[rel] = storage.parquet_metadata(storage.join(run.build, rel)).get("fingerprint")
     return {
         "inputs": {
             "dataset_root": config.dataset.root if config.dataset else None,
             "model_checkpoint": config.model.checkpoint if config.model else None,
-            "model_sha256": storage.sha256(config.model.checkpoint) if config.model else None,
+            "model_sha256": run.preflight.digest(config.model.checkpoint) if config.model else None,
             "config": config.model_dump(mode="json"),
         },
         "stages": list(results),
@@ -91,26 +59,30 @@ def _facts(config: cfgmod.Config, layout: builds.Layout, results: dict, seconds:
 
 
 @flow(name="salient-rebuild")
-def rebuild_flow(config: cfgmod.Config, stages: list[str] | None = None, wait_s: float = 0.0) -> dict:
-    """Build (or bring up to date) the whole dataset and publish it; ``stages`` runs a subset on the
-    ``current`` build without publishing. ``wait_s``: how long to wait for another rebuild of the
-    same output to finish."""
+def rebuild_flow(
+    config: cfgmod.Config, stages: list[str] | None = None, wait_s: float = 0.0,
+    checked: preflight.Preflight | None = None,
+) -> dict:
+    """Build (or bring up to date) the whole dataset and publish it; ``stages`` runs those
+    stages on the ``current`` build without publishing. ``wait_s``: how long to wait for another
+    rebuild of the same output to finish. ``checked``: the pre-flight of these stages, when the
+    caller ran it."""
     full = not stages
-    selected = [s for s in cfgmod.STAGES if s in (stages or default_stages(config))]
-    cfgmod.check_stages(config, stages or selected)
+    selected = registry.select(config, stages or None)
+    checked = checked or preflight.for_stages(config, selected)
     logger = get_run_logger()
     root = config.output
-    with builds.holding(root, f"salient run ({socket.gethostname()})", wait_s=wait_s) as lease:
+    with builds.holding(root, f"salient run ({socket.gethostname()})", wait_s=wait_s) as lease, RayExecutor(config.compute) as executor:
         layout = builds.start_run(root) if full else builds.open_current(root)
-        logger.info("build %s under %s", layout.build_id, root)
+        logger.info("build %s under %s: %s", layout.build_id, root, ", ".join(s.name for s in selected))
+        run = Run(config, layout, checked, executor, logger)
         results, seconds = {}, {}
-        for name in selected:
-            logger.info("stage %s", name)
+        for stage in selected:
             t0 = time.perf_counter()
-            results[name] = run_stage(name, config, layout)
-            seconds[name] = time.perf_counter() - t0
+            results[stage.name] = run_stage(stage, run)
+            seconds[stage.name] = time.perf_counter() - t0
         if full:
-            manifest = builds.write_manifest(layout, _facts(config, layout, results, seconds))
+            manifest = builds.write_manifest(layout, _facts(run, results, seconds))
             lease.check()
             builds.publish(root, layout.build_id)
             logger.info("published build %s (%s)", layout.build_id, manifest["counts"])

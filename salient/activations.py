@@ -5,9 +5,9 @@ A shard writes ``activations/part-NNNNN.parquet`` (the table only) and then
 is done when its JSON exists and names the shard's fingerprint (model weights, preprocessing, this
 stage's code version, and the shard's files with their sizes and ETags or modification times).
 
-Shard results are also kept in the output root's cache under a content key (the same inputs,
-without the shard's number or image ids), so a later build with the same files in a shard copies
-the result instead of computing it.
+A shard's cache key is its content key (the stage's key and the shard's files, without its number
+or image ids), so a later build with the same files in a shard copies the result instead of
+computing it, with this build's ids (:func:`restore`).
 """
 
 from __future__ import annotations
@@ -25,25 +25,21 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from salient import builds, images, models, storage
+from salient import images, models, storage, tables
 from salient import plan as planmod
 from salient.config import ComputeConfig, ModelConfig, PreprocessConfig
+from salient.errors import ConfigError, InputError
 
 CODE_VERSION = "activations-2"
-DIRNAME = "activations"
+DIRNAME = tables.ACTIVATIONS_DIR  # kept for callers outside salient/
 
 
-def table_uri(out: str, shard: int) -> str:
-    return storage.join(out, DIRNAME, f"part-{shard:05d}.parquet")
+def table_uri(build: str, shard: int) -> str:
+    return storage.join(build, tables.activation_shard(shard))
 
 
-def stats_uri(out: str, shard: int) -> str:
-    return storage.join(out, DIRNAME, f"part-{shard:05d}.json")
-
-
-def stage_fingerprint(weights_sha256: str, model: ModelConfig, preprocess: PreprocessConfig) -> str:
-    """What every shard's result depends on besides its own files."""
-    return storage.fingerprint(CODE_VERSION, weights_sha256, model.arch, preprocess.resize, preprocess.crop, preprocess.max_pixels)
+def stats_uri(build: str, shard: int) -> str:
+    return storage.join(build, tables.activation_marker(shard))
 
 
 def shard_fingerprint(stage: str, shard: planmod.Shard) -> str:
@@ -53,20 +49,6 @@ def shard_fingerprint(stage: str, shard: planmod.Shard) -> str:
 def content_key(stage: str, shard: planmod.Shard) -> str:
     """The cache key of a shard's result: what its features depend on (not its number or ids)."""
     return storage.fingerprint(stage, shard.relpaths, shard.sizes, shard.versions)
-
-
-def _cached_table(cache_root: str, key: str) -> str:
-    return builds.cache(cache_root, DIRNAME, key, "part.parquet")
-
-
-def committed_stats(out: str, shard: int, fingerprint: str) -> dict | None:
-    """The shard's stats if it is committed with this fingerprint, else None."""
-    uri = stats_uri(out, shard)
-    try:
-        stats = storage.read_json(uri)
-    except FileNotFoundError:
-        return None
-    return stats if stats.get("fingerprint") == fingerprint else None
 
 
 def output_schema(width: int) -> pa.Schema:
@@ -92,14 +74,14 @@ class _Timings:
 
 @dataclass
 class ShardTask:
-    """Everything a worker needs to compute and write one shard."""
+    """Everything a worker needs to compute and write one shard: ``root`` is the dataset root,
+    ``build`` the build directory."""
 
     shard: planmod.Shard
     root: str
-    out: str
+    build: str
     fingerprint: str
     stage_fingerprint: str
-    cache_root: str | None = None  # the output root whose cache keeps the result
 
     @property
     def cache_key(self) -> str:
@@ -132,7 +114,7 @@ class ActivationRunner:
         m = self.model
         self.net, self.device = models.load_for_worker(m.checkpoint, m.arch, m.format, self.device, self.threads, need_discovery=True)
         if self.compute.precision == "fp16" and self.device == "cpu":
-            raise ValueError("compute.precision = 'fp16' needs a CUDA device; use fp32 (or bf16) on the CPU")
+            raise ConfigError(["compute.precision = 'fp16' needs a CUDA device; use fp32 (or bf16) on the CPU"])
         self.width = self.net.feature_dim
 
     def _autocast(self):
@@ -236,7 +218,7 @@ class ActivationRunner:
             },
             schema=output_schema(self.width),
         )
-        storage.write_parquet(table_uri(task.out, shard.index), table, task.stage_fingerprint)
+        storage.write_parquet(table_uri(task.build, shard.index), table, task.stage_fingerprint)
         timings.write += time.perf_counter() - t0
         total = time.perf_counter() - t_start
         stats = {
@@ -268,21 +250,18 @@ class ActivationRunner:
                 "batch_size": self.compute.batch_size,
             },
         }
-        if task.cache_root is not None:
-            storage.copy_file(table_uri(task.out, shard.index), _cached_table(task.cache_root, task.cache_key))
-            builds.commit_entry(task.cache_root, DIRNAME, task.cache_key, stats)
-            stats["cache_entry"] = f"{DIRNAME}/{task.cache_key}"
-        storage.write_json(stats_uri(task.out, shard.index), stats)
+        storage.write_json(stats_uri(task.build, shard.index), stats)
         return stats
 
 
-def restore(task: ShardTask, cached: dict) -> dict:
-    """Commit ``task``'s shard in its build from the cache entry whose marker is ``cached``; returns its stats.
+def restore(task: ShardTask, src: str, cached: dict) -> dict:
+    """Commit ``task``'s shard in its build from the table at ``src`` (a kept result of the same
+    content, with ``cached`` its stats); returns its stats.
 
     The table is copied as it is when its ids and labels are this plan's, else rewritten with them.
     """
     shard = task.shard
-    src, dst = _cached_table(str(task.cache_root), task.cache_key), table_uri(task.out, shard.index)
+    dst = table_uri(task.build, shard.index)
     keys = storage.read_parquet(src, ["relpath", "image_id", "label"]).to_pydict()
     ids = dict(zip(shard.relpaths, shard.image_ids))
     labels = dict(zip(shard.relpaths, shard.labels))
@@ -296,76 +275,22 @@ def restore(task: ShardTask, cached: dict) -> dict:
         storage.write_parquet(dst, table, task.stage_fingerprint)
     stats = {
         **cached, "shard": shard.index, "fingerprint": task.fingerprint,
-        "first_image_id": shard.image_ids[0] if len(shard) else None, "cache_entry": f"{DIRNAME}/{task.cache_key}",
+        "first_image_id": shard.image_ids[0] if len(shard) else None,
     }
-    storage.write_json(stats_uri(task.out, shard.index), stats)
+    storage.write_json(stats_uri(task.build, shard.index), stats)
     return stats
 
 
-def _planned(out: str, weights_sha256: str, model: ModelConfig, preprocess: PreprocessConfig) -> Iterator[tuple[planmod.Shard, str, str, dict | None]]:
-    """Every planned shard with its fingerprint, the stage fingerprint, and its stats if committed."""
-    stage = stage_fingerprint(weights_sha256, model, preprocess)
-    for shard in planmod.shards_of(planmod.read_plan(out)):
-        fp = shard_fingerprint(stage, shard)
-        yield shard, fp, stage, committed_stats(out, shard.index, fp)
-
-
-def shard_tasks(
-    root: str, out: str, weights_sha256: str, model: ModelConfig, preprocess: PreprocessConfig, cache_root: str | None = None
-) -> tuple[list[ShardTask], list[dict]]:
-    """The plan's shards split into work still to do and the stats of shards already committed.
-
-    With ``cache_root`` (the output root), a shard found in its cache is committed from there.
-    """
-    todo: list[ShardTask] = []
-    done: list[dict] = []
-    for shard, fp, stage, stats in _planned(out, weights_sha256, model, preprocess):
-        task = ShardTask(shard, root, out, fp, stage, cache_root)
-        cached = builds.read_entry(cache_root, DIRNAME, task.cache_key) if cache_root is not None and stats is None else None
-        if stats is not None:
-            done.append(stats)
-        elif cached is not None:
-            done.append(restore(task, cached))
-        else:
-            todo.append(task)
-    return todo, done
-
-
-def cache_entries(out: str) -> list[str]:
-    """The cache entries the committed shards of the build at ``out`` came from or went to."""
-    return sorted({s["cache_entry"] for s in all_stats(out) if s.get("cache_entry")})
-
-
-def committed_shards(out: str, weights_sha256: str, model: ModelConfig, preprocess: PreprocessConfig) -> tuple[list[str], str]:
-    """The table URIs of every planned shard and a fingerprint of them all.
-
-    Raises ``ValueError`` naming the shards that are missing or were computed from other inputs.
-    """
-    uris, fps, missing = [], [], []
-    for shard, fp, _, stats in _planned(out, weights_sha256, model, preprocess):
-        if stats is None:
-            missing.append(f"part-{shard.index:05d}")
-        uris.append(table_uri(out, shard.index))
-        fps.append(fp)
-    if missing:
-        raise ValueError(
-            f"{len(missing)} activation shards are missing or were computed from other inputs "
-            f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''} under {storage.join(out, DIRNAME)}); "
-            "run `salient activations CONFIG` first"
-        )
-    return uris, storage.fingerprint(fps)
-
-
-def all_stats(out: str) -> list[dict]:
-    """The stats of every committed shard under ``out`` (whatever their inputs), by shard."""
-    fs, path = storage.url_to_fs(storage.join(out, DIRNAME))
+def all_stats(build: str) -> list[dict]:
+    """The stats of every committed shard of the build ``build`` (whatever their inputs), by shard."""
+    fs, path = storage.url_to_fs(storage.join(build, tables.ACTIVATIONS_DIR))
     if not fs.isdir(path):
         return []
     names = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".json") and "/part-" in p)
-    return [storage.read_json(storage.join(out, DIRNAME, storage.basename(p))) for p in names]
+    return [storage.read_json(storage.join(build, tables.ACTIVATIONS_DIR, storage.basename(p))) for p in names]
 
 
-def summarize(stats: list[dict], out: str) -> dict:
+def summarize(stats: list[dict], build: str) -> dict:
     """Totals over shard stats, and where each shard's failures are listed."""
     stats = sorted(stats, key=lambda s: s["shard"])
     seconds = sum(s["seconds"]["total"] for s in stats)
@@ -374,7 +299,7 @@ def summarize(stats: list[dict], out: str) -> dict:
         "planned": sum(s["planned"] for s in stats),
         "images": sum(s["images"] for s in stats),
         "failed": sum(s["failed"] for s in stats),
-        "failure_lists": [stats_uri(out, s["shard"]) for s in stats if s["failed"]],
+        "failure_lists": [stats_uri(build, s["shard"]) for s in stats if s["failed"]],
         "worker_seconds": round(seconds, 3),
         "images_per_worker_second": round(sum(s["images"] for s in stats) / seconds, 3) if seconds else None,
     }

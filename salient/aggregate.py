@@ -1,5 +1,5 @@
 """Aggregation: feature importance, the (class, feature) pairs, and the top images per neuron and
-per pair (design.md §2), from the committed activation shards.
+per pair (docs/design.md §2), from the committed activation shards.
 
 Two streaming passes; each shard is reduced to a small partial and partials are merged in any
 order. Class sums are float64 sums of float16 values, which are exact for realistic activations, and
@@ -18,20 +18,20 @@ from typing import Any, TypeVar
 import numpy as np
 import pyarrow as pa
 
-from salient import storage
+from salient import storage, tables
 from salient.config import AggregateConfig
+from salient.errors import InputError
 from salient.metadata import ClassInfo
 
 GROUPINGS = ("prediction", "label")
 GROUP_COLUMN = {"prediction": "pred", "label": "label"}
 CODE_VERSION = "aggregate-1"
 
-CLASSES_TABLE = "classes.parquet"
-IMPORTANCE_TABLE = "importance.parquet"
-PAIRS_TABLE = "pairs.parquet"
-TOPK_NEURON_TABLE = "topk/neuron.parquet"
-TOPK_CLASS_TABLE = "topk/class.parquet"
-TABLES = (CLASSES_TABLE, IMPORTANCE_TABLE, PAIRS_TABLE, TOPK_NEURON_TABLE, TOPK_CLASS_TABLE)
+# The tables this writes, in salient.tables; these names stay for callers outside salient/.
+CLASSES_TABLE = tables.CLASSES.path
+PAIRS_TABLE = tables.PAIRS.path
+TOPK_NEURON_TABLE = tables.TOPK_NEURON.path
+TOPK_CLASS_TABLE = tables.TOPK_CLASS.path
 
 T = TypeVar("T")
 MapFn = Callable[[Callable[..., T], Sequence[tuple]], Iterable[T]]
@@ -144,7 +144,7 @@ def shard_partial(uri: str, num_classes: int, k_neuron: int) -> Partial:
     """Pass-1 partial of one activation shard."""
     data = read_shard(uri)
     if len(data.image_ids) and (max(data.labels.max(), data.preds.max()) >= num_classes or min(data.labels.min(), data.preds.min()) < 0):
-        raise ValueError(f"{uri}: labels or predictions outside the model's {num_classes} classes")
+        raise InputError(f"{uri}: labels or predictions outside the model's {num_classes} classes")
     by = [_class_sums(data.features, data.groups(g), num_classes) for g in GROUPINGS]
     return Partial(
         np.stack([s for s, _ in by]),
@@ -239,9 +239,10 @@ def _topk_rows(keys: np.ndarray, relpaths: dict[int, str], labels: dict[int, int
 
 @dataclass
 class AggregateInputs:
-    """What aggregation reads: the committed shards and the model's final layer."""
+    """What aggregation reads: the committed shards and the model's final layer; ``build`` is the
+    build directory it writes to."""
 
-    out: str
+    build: str
     shard_uris: list[str]
     fc_weight: np.ndarray  # [C, D]
     wnids: list[str]
@@ -251,15 +252,15 @@ class AggregateInputs:
 
 def run(inputs: AggregateInputs, cfg: AggregateConfig, map_fn: MapFn = local_map) -> dict[str, Any]:
     """Both passes and every table; returns a summary."""
-    out = inputs.out
+    build = inputs.build
     num_classes, width = inputs.fc_weight.shape
     if len(inputs.wnids) != num_classes:
-        raise ValueError(
+        raise InputError(
             f"the dataset has {len(inputs.wnids)} class folders but the model has {num_classes} classes; "
             "labels and predictions would not refer to the same classes"
         )
     if not inputs.shard_uris:
-        raise ValueError("no activation shards to aggregate; run the activation stage first")
+        raise InputError("no activation shards to aggregate; run the activation stage first")
     merged = functools.reduce(
         Partial.merge, map_fn(shard_partial, [(u, num_classes, cfg.top_k_neuron) for u in inputs.shard_uris])
     )
@@ -276,7 +277,7 @@ def run(inputs: AggregateInputs, cfg: AggregateConfig, map_fn: MapFn = local_map
     from salient import plan as planmod
 
     all_ids = np.concatenate([decode_keys(merged.neuron_keys)[1].ravel(), decode_keys(pair_keys)[1].ravel()])
-    relpaths, labels = _image_info(planmod.plan_uri(out), all_ids)
+    relpaths, labels = _image_info(planmod.plan_uri(build), all_ids)
     fp = inputs.fingerprint
     meta = {"grouping": cfg.grouping, "code_version": CODE_VERSION}
     names = {c.wnid: c for c in inputs.class_metadata or []}
@@ -284,7 +285,7 @@ def run(inputs: AggregateInputs, cfg: AggregateConfig, map_fn: MapFn = local_map
     group_name = "predicted as" if cfg.grouping == "prediction" else "labelled"
     counts_g = merged.counts[g]
     storage.write_parquet(
-        storage.join(out, CLASSES_TABLE),
+        storage.join(build, tables.CLASSES.path),
         pa.table({
             "class_index": pa.array(range(num_classes), pa.int32()),
             "wnid": pa.array(inputs.wnids, pa.string()),
@@ -298,7 +299,7 @@ def run(inputs: AggregateInputs, cfg: AggregateConfig, map_fn: MapFn = local_map
     )
     valid = np.repeat(counts_g > 0, width)
     storage.write_parquet(
-        storage.join(out, IMPORTANCE_TABLE),
+        storage.join(build, tables.IMPORTANCE.path),
         pa.table({
             "class_index": pa.array(np.repeat(np.arange(num_classes), width), pa.int32()),
             "feature_index": pa.array(np.tile(np.arange(width), num_classes), pa.int32()),
@@ -308,7 +309,7 @@ def run(inputs: AggregateInputs, cfg: AggregateConfig, map_fn: MapFn = local_map
         fp, meta,
     )
     storage.write_parquet(
-        storage.join(out, PAIRS_TABLE),
+        storage.join(build, tables.PAIRS.path),
         pa.table({
             "class_index": pa.array([c for c, _, _ in pairs], pa.int32()),
             "wnid": pa.array([inputs.wnids[c] for c, _, _ in pairs], pa.string()),
@@ -322,7 +323,7 @@ def run(inputs: AggregateInputs, cfg: AggregateConfig, map_fn: MapFn = local_map
     )
     neuron = _topk_rows(merged.neuron_keys, relpaths, labels)
     storage.write_parquet(
-        storage.join(out, TOPK_NEURON_TABLE),
+        storage.join(build, tables.TOPK_NEURON.path),
         pa.table({
             "feature_index": pa.array(neuron.pop("column"), pa.int32()),
             **_topk_columns(neuron),
@@ -332,7 +333,7 @@ def run(inputs: AggregateInputs, cfg: AggregateConfig, map_fn: MapFn = local_map
     per_pair = _topk_rows(pair_keys, relpaths, labels)
     pair_of = [pairs[p] for p in per_pair.pop("column")]
     storage.write_parquet(
-        storage.join(out, TOPK_CLASS_TABLE),
+        storage.join(build, tables.TOPK_CLASS.path),
         pa.table({
             "class_index": pa.array([c for c, _, _ in pair_of], pa.int32()),
             "wnid": pa.array([inputs.wnids[c] for c, _, _ in pair_of], pa.string()),

@@ -1,4 +1,4 @@
-"""The feature attack ("amplified feature", design.md §2): what a neuron responds to, made visible.
+"""The feature attack ("amplified feature", docs/design.md §2): what a neuron responds to, made visible.
 
 100 steps of x <- clip(x + 10 * g / ||g||_2, 0, 1), g the gradient of the penultimate feature r_j
 with respect to the image, the L2 norm taken per image, starting from the top images.

@@ -1,4 +1,4 @@
-"""Versioned builds under an output root ``OUT`` (design.md §3).
+"""Versioned builds under an output root ``OUT`` (docs/design.md §3).
 
 - ``OUT/builds/<build_id>/``: one build directory, every table once at its §3 path;
   ``manifest.json`` in it is written last and marks the build complete.
@@ -25,13 +25,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from salient import storage
+from salient import storage, tables
+from salient.errors import Busy, InputError
 
 BUILDS = "builds"
 CACHE = "cache"
 INCOMING = "annotations/incoming"
-MANIFEST = "manifest.json"
-CACHE_REFS = "cache-entries.json"
+MANIFEST = tables.MANIFEST.path  # kept for callers outside salient/
 LEASES = "lease"
 # How long a hold on an output root lasts without renewal; holders renew every quarter of it.
 LEASE_TTL_S = 600.0
@@ -41,9 +41,9 @@ _BUILD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def check_build_id(build_id: str) -> str:
-    """``build_id`` if it is a valid build id (letters, digits, ``.``, ``_``, ``-``), else ``ValueError``."""
+    """``build_id`` if it is a valid build id (letters, digits, ``.``, ``_``, ``-``), else ``InputError``."""
     if not isinstance(build_id, str) or not _BUILD_ID.match(build_id) or ".." in build_id:
-        raise ValueError(
+        raise InputError(
             f"build id {build_id!r} is not valid: use 1-128 letters, digits, '.', '_' or '-' "
             "(see `salient builds OUT` for the builds there are)"
         )
@@ -82,7 +82,7 @@ def read_pointer(root: str, name: str) -> str | None:
         data = storage.read_json(uri)
         return check_build_id(str(data["build_id"]))
     except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(
+        raise InputError(
             f"pointer {uri!r} is damaged ({exc}); rewrite it with `salient publish OUT --build <id>` "
             "or remove it"
         ) from exc
@@ -97,20 +97,20 @@ def write_pointer(root: str, name: str, build_id: str) -> None:
 
 def is_complete(root: str, build_id: str) -> bool:
     """True once the build's manifest (written last) exists."""
-    return storage.exists(storage.join(build_dir(root, build_id), MANIFEST))
+    return storage.exists(storage.join(build_dir(root, build_id), tables.MANIFEST.path))
 
 
 def resolve(root: str, build_id: str | None = None, pointer: str = "latest") -> str:
-    """The directory of ``build_id``, or of the build ``pointer`` names; ``ValueError`` when there is none."""
+    """The directory of ``build_id``, or of the build ``pointer`` names; ``InputError`` when there is none."""
     if build_id is None:
         build_id = read_pointer(root, pointer)
         if build_id is None:
             hint = "run `salient run CONFIG` to make and publish one" if pointer == "latest" else "run a stage first"
-            raise ValueError(f"{root!r} has no {pointer} build ({storage.join(root, pointer)} is missing): {hint}")
+            raise InputError(f"{root!r} has no {pointer} build ({storage.join(root, pointer)} is missing): {hint}")
     path = build_dir(root, build_id)
     fs, p = storage.url_to_fs(path)
     if not fs.exists(p):
-        raise ValueError(f"build {build_id!r} does not exist under {root!r}; `salient builds {root}` lists the builds")
+        raise InputError(f"build {build_id!r} does not exist under {root!r}; `salient builds {root}` lists the builds")
     return path
 
 
@@ -152,7 +152,7 @@ def open_current(root: str) -> Layout:
     if build_id is None or is_complete(root, build_id):
         new = new_build_id()
         if build_id is not None:
-            storage.copy_tree(build_dir(root, build_id), build_dir(root, new), skip=(MANIFEST,))
+            storage.copy_tree(build_dir(root, build_id), build_dir(root, new), skip=(tables.MANIFEST.path,))
         write_pointer(root, "current", new)
         build_id = new
     return Layout(root, build_id)
@@ -170,13 +170,13 @@ def start_run(root: str) -> Layout:
 
 def cache_entries(layout: Layout) -> list[str]:
     """The cache entries (``<stage>/<key>``) a build used, as it recorded them."""
-    uri = storage.join(layout.build, CACHE_REFS)
+    uri = storage.join(layout.build, tables.CACHE_REFS)
     return sorted(storage.read_json(uri)) if storage.exists(uri) else []
 
 
-def record_cache_use(out: str, entries: list[str]) -> None:
-    """Add ``entries`` (``<stage>/<key>``) to the cache entries the build at ``out`` uses."""
-    uri = storage.join(out, CACHE_REFS)
+def record_cache_use(build: str, entries: list[str]) -> None:
+    """Add ``entries`` (``<stage>/<key>``) to the cache entries the build directory ``build`` uses."""
+    uri = storage.join(build, tables.CACHE_REFS)
     known = set(storage.read_json(uri)) if storage.exists(uri) else set()
     if not set(entries) <= known:
         storage.write_json(uri, sorted(known | set(entries)))
@@ -185,16 +185,16 @@ def record_cache_use(out: str, entries: list[str]) -> None:
 def write_manifest(layout: Layout, facts: dict) -> dict:
     """Write the build's manifest (last of all its files): ``facts`` (inputs, fingerprints, counts,
     timings) with the build id, time, software versions and the build's tables."""
-    tables = [p for p in storage.list_files(layout.build) if p.endswith(".parquet") and not p.startswith("masks/blocks/")]
+    written = [p for p in storage.list_files(layout.build) if p.endswith(".parquet") and not p.startswith(f"{tables.MASK_BLOCKS}/")]
     manifest = {
         "build_id": layout.build_id,
         "completed": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "software": software_versions(),
-        "tables": tables,
+        "tables": written,
         "cache_entries": cache_entries(layout),
         **facts,
     }
-    storage.write_json(storage.join(layout.build, MANIFEST), manifest)
+    storage.write_json(storage.join(layout.build, tables.MANIFEST.path), manifest)
     return manifest
 
 
@@ -210,10 +210,10 @@ def software_versions() -> dict[str, str]:
 
 
 def publish(root: str, build_id: str) -> None:
-    """Move ``latest`` to a complete build; ``ValueError`` if it has no manifest."""
+    """Move ``latest`` to a complete build; ``InputError`` if it has no manifest."""
     if not is_complete(root, build_id):
-        raise ValueError(
-            f"build {build_id!r} under {root!r} is not complete (no {MANIFEST}); finish it with `salient run CONFIG`"
+        raise InputError(
+            f"build {build_id!r} under {root!r} is not complete (no {tables.MANIFEST.path}); finish it with `salient run CONFIG`"
         )
     write_pointer(root, "latest", build_id)
 
@@ -228,7 +228,7 @@ def list_builds(root: str) -> list[dict]:
     for entry in sorted(storage.basename(p) for p in fs.ls(path, detail=False)):
         if not _BUILD_ID.match(entry):
             continue
-        manifest_uri = storage.join(root, BUILDS, entry, MANIFEST)
+        manifest_uri = storage.join(root, BUILDS, entry, tables.MANIFEST.path)
         manifest = storage.read_json(manifest_uri) if storage.exists(manifest_uri) else None
         out.append({
             "build_id": entry,
@@ -246,7 +246,7 @@ def gc(root: str, keep: int, dry_run: bool = False) -> dict:
     unfinished build older than the newest complete one (never ``current``), and the cache entries
     no remaining build uses. Human answers are never touched."""
     if keep < 1:
-        raise ValueError(f"--keep {keep}: keep at least 1 build (the latest)")
+        raise InputError(f"--keep {keep}: keep at least 1 build (the latest)")
     builds = list_builds(root)
     complete = [b["build_id"] for b in builds if b["complete"]]
     kept = set(complete[-keep:]) | {b["build_id"] for b in builds if b["latest"] or b["current"]}
@@ -285,7 +285,7 @@ def commit_entry(root: str, stage: str, key: str, meta: dict) -> None:
     storage.write_json(cache(root, stage, f"{key}.json"), meta)
 
 
-class LeaseHeld(RuntimeError):
+class LeaseHeld(Busy):
     """Another live rebuild holds the output root."""
 
 

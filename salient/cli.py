@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import errno
 import importlib
 import logging
 import os
 import sys
+import tempfile
+import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from salient import config as cfgmod
-from salient import storage
-from salient.builds import LeaseHeld
+from salient import preflight, storage, tables
+from salient import stages as registry
+from salient.errors import ConfigError, InputError, UserError
 
-# Local-run defaults (design.md §4): no telemetry, Ray kept on loopback with auth off.
+# Local-run defaults (docs/design.md §4): no telemetry, Ray kept on loopback with auth off.
 LOCAL_ENV_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
@@ -24,8 +27,7 @@ LOCAL_ENV_DEFAULTS = {
     "RAY_USAGE_STATS_ENABLED": "0",
 }
 
-EXIT_CONFIG = 2
-EXIT_BUSY = 3  # another rebuild holds the output root
+EXIT_BUG = 1  # an unexpected exception: a bug in Salient
 EXIT_STORE = 4  # a store refused a read or a write (permissions, a full disk, ...)
 
 
@@ -43,100 +45,33 @@ def _load(args: argparse.Namespace) -> cfgmod.Config:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    sections = cfgmod.present_sections(cfg)
+    sections = preflight.present_sections(cfg)
     if not sections:
-        raise cfgmod.ConfigError(["config: sets none of dataset, model, output; nothing to validate"])
-    cfgmod.check(cfg, sections)
+        raise ConfigError(["config: sets none of dataset, model, output; nothing to validate"])
+    preflight.check(cfg, sections)
     print(f"config ok: checked {', '.join(sections)}")
     return 0
 
 
-@dataclass(frozen=True)
-class Stage:
-    """A stage as the CLI runs it: the sections it checks, its flow, and a one-line summary."""
+def run_stages(cfg: cfgmod.Config, names: list[str] | None, wait_s: float = 0.0) -> dict:
+    """The pre-flight of the stages ``names`` (None: every stage that applies), then the rebuild
+    flow that runs them, once."""
+    from flows.rebuild import rebuild_flow
 
-    flow: str  # module:function
-    describe: Callable[[dict, cfgmod.Config], str]
-
-
-STAGES: dict[str, Stage] = {
-    "activations": Stage(
-        "flows.activations:activations_flow",
-        lambda s, c: (
-            f"activations: {s['images']} of {s['planned']} images in {s['shards']} shards -> activations/ "
-            f"({s['failed']} failed)" + "".join(f"\n  failures listed in {u}" for u in s["failure_lists"])
-        ),
-    ),
-    "aggregate": Stage(
-        "flows.aggregate:aggregate_flow",
-        lambda s, c: (
-            f"aggregate: {s['pairs']} pairs over {s['classes']} classes from {s['images']} images (grouping: "
-            f"{s['grouping']}, {s['classes_without_images']} classes without images)"
-        ),
-    ),
-    "discover": Stage(
-        "flows.discover:discover_flow",
-        lambda s, c: f"discover: {s['pairs']} pairs ({s['made']} made, {s['reused']} reused) -> {s['tasks']}",
-    ),
-    "generalize": Stage(
-        "flows.generalize:generalize_flow",
-        lambda s, c: (
-            f"generalize: {s['masks']} masks of {s['images']} images in {s['blocks']} Zarr shards "
-            f"({s['computed_blocks']} computed) -> {s['index']}"
-        ),
-    ),
-    "evaluate": Stage(
-        "flows.evaluate:evaluate_flow",
-        lambda s, c: "evaluate: mean over classes (clean / core acc = noise on spurious masks / spurious acc = noise on core masks)\n" + "\n".join(
-            f"  {r['model']:<12} sigma {r['sigma']:<5g} clean {_fmt5(r['mean_clean_acc'])}  core {_fmt5(r['mean_core_acc'])} "
-            f"({r['n_classes_core_acc']} classes)  spurious {_fmt5(r['mean_spurious_acc'])} ({r['n_classes_spurious_acc']} classes)"
-            for r in s["summary"]
-        ) + "\n  tables and plots -> evaluation/ in the build",
-    ),
-    "report": Stage(
-        "flows.report:report_flow",
-        lambda s, c: f"report: {storage.normalize_uri(s['report'])}",
-    ),
-    "simulate": Stage(
-        "flows.annotations:simulate_flow",
-        lambda s, c: f"simulated annotators: {s['answers']} answers for {s['pairs']} pairs -> {s['uri']}",
-    ),
-    "ingest": Stage(
-        "flows.annotations:ingest_flow",
-        lambda s, c: (
-            f"ingest: {s['accepted']} answers accepted, {s['rejected']} rejected; {s['pairs']} pairs: {s['spurious']} "
-            f"spurious, {s['core']} core, {s['insufficient']} insufficient; {s['classes_with_spurious']} classes with a "
-            f"spurious feature" + (f"; {s['pairs_not_in_build']} pairs not in this build" if s.get("pairs_not_in_build") else "")
-        ),
-    ),
-}
+    checked = preflight.for_stages(cfg, registry.select(cfg, names))
+    return rebuild_flow(cfg, names, wait_s, checked)
 
 
-def _fmt5(value: float | None) -> str:
-    from salient.report import fmt
-
-    return f"{fmt(value):>5}"
-
-
-def run_stage(name: str, cfg: cfgmod.Config, **params: object) -> dict:
-    """Check the sections a stage uses, run its flow, print its summary."""
-    stage = STAGES[name]
-    cfgmod.check_stages(cfg, [name])
-    module, func = stage.flow.split(":")
-    summary = getattr(importlib.import_module(module), func)(cfg, **params)
-    print(stage.describe(summary, cfg))
-    return summary
+def _print_summaries(result: dict) -> None:
+    for name, summary in result["stages"].items():
+        print(registry.BY_NAME[name].describe(summary))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.rebuild import default_stages, rebuild_flow
-
     cfg = _load(args)
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
-    cfgmod.check_stages(cfg, stages or default_stages(cfg))
-    result = rebuild_flow(cfg, stages, args.wait)
-    for name, summary in result["stages"].items():
-        print(STAGES[name].describe(summary, cfg))
+    names = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    result = run_stages(cfg, names, args.wait)
+    _print_summaries(result)
     state = "published as latest" if result["published"] else "not published (a subset of stages; `salient publish` publishes it)"
     print(f"build {result['build_id']}: {storage.normalize_uri(result['build'])} ({state})")
     return 0
@@ -145,9 +80,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_builds(args: argparse.Namespace) -> int:
     from salient import builds
 
-    rows = builds.list_builds(args.out)
+    rows = builds.list_builds(args.root)
     if not rows:
-        print(f"no builds under {args.out}")
+        print(f"no builds under {args.root}")
         return 0
     for b in rows:
         marks = ",".join(m for m in ("latest", "current") if b[m])
@@ -160,7 +95,7 @@ def cmd_builds(args: argparse.Namespace) -> int:
 def cmd_gc(args: argparse.Namespace) -> int:
     from salient import builds
 
-    s = builds.gc(args.out, args.keep, dry_run=args.dry_run)
+    s = builds.gc(args.root, args.keep, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     print(
         f"{verb} {len(s['removed_builds'])} builds ({', '.join(s['removed_builds']) or 'none'}) and "
@@ -172,15 +107,15 @@ def cmd_gc(args: argparse.Namespace) -> int:
 def cmd_publish(args: argparse.Namespace) -> int:
     from salient import builds
 
-    build_id = args.build or builds.read_pointer(args.out, "current")
+    build_id = args.build or builds.read_pointer(args.root, "current")
     if build_id is None:
-        raise ValueError(f"{args.out!r} has no current build; give --build ID (see `salient builds {args.out}`)")
-    if not builds.is_complete(args.out, build_id):
-        raise ValueError(
+        raise InputError(f"{args.root!r} has no current build; give --build ID (see `salient builds {args.root}`)")
+    if not builds.is_complete(args.root, build_id):
+        raise InputError(
             f"build {build_id} has no manifest, so it may lack tables; finish it with `salient run CONFIG`, "
             "which publishes it"
         )
-    builds.publish(args.out, build_id)
+    builds.publish(args.root, build_id)
     print(f"latest -> {build_id}")
     return 0
 
@@ -191,12 +126,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from flows.rebuild import rebuild_from_file
 
     cfg = _load(args)
-    cfgmod.check_stages(cfg, ["ingest"])  # the output must be writable; each run checks the rest
+    preflight.check(cfg, ["output"])  # each run checks the rest
     if not get_current_settings().api.url:
-        raise ValueError(
+        raise ConfigError([
             "schedules need a running Prefect server (the embedded one has no scheduler): start one with "
             "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api, then run this again"
-        )
+        ])
     print(f"serving the rebuild of {args.config} on the schedule {args.cron!r} (Ctrl-C stops)")
     rebuild_from_file.serve(
         name=args.name, cron=args.cron,
@@ -207,8 +142,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _stage_command(name: str) -> Callable[[argparse.Namespace], int]:
     def command(args: argparse.Namespace) -> int:
-        params = {"answers": args.answers} if name == "ingest" else {}
-        run_stage(name, _load(args), **params)
+        cfg = _load(args)
+        if getattr(args, "answers", None):
+            cfg.annotations.answers = [*args.answers, *cfg.annotations.answers]
+        _print_summaries(run_stages(cfg, [name]))
         return 0
 
     return command
@@ -218,7 +155,7 @@ def cmd_annotate_serve(args: argparse.Namespace) -> int:
     from salient import app
 
     cfg = _load(args)
-    cfgmod.check(cfg, ["output"])
+    preflight.check(cfg, ["output"])
     token = app.token_from_env(args.token)
     app.serve(app.settings_from_config(cfg, args.build, token), args.host, args.port)
     return 0
@@ -228,7 +165,7 @@ def cmd_study_export(args: argparse.Namespace) -> int:
     from salient import builds, metadata, study
 
     cfg = _load(args)
-    cfgmod.check(cfg, ["dataset", "output"])
+    preflight.check(cfg, ["dataset", "output"])
     meta = metadata.read_class_metadata(cfg.dataset.class_metadata) if cfg.dataset.class_metadata else None
     s = study.export_study(
         builds.open_current(cfg.output).build, cfg.dataset.root, cfg.preprocess.resize, cfg.preprocess.crop, cfg.discover.images_per_pair, meta, cfg.discover.base_url
@@ -241,11 +178,11 @@ def cmd_study_ingest(args: argparse.Namespace) -> int:
     from salient import builds, ingest, study
 
     cfg = _load(args)
-    cfgmod.check(cfg, ["output"])
-    out = builds.open_current(cfg.output).build
+    preflight.check(cfg, ["output"])
+    build = builds.open_current(cfg.output).build
     files = study.study_answer_files(cfg.output, args.answers)
     metadata_uri = cfg.dataset.class_metadata if cfg.dataset else None
-    s = study.ingest_study(out, files, ingest.known_classes(out, metadata_uri), cfg.output)
+    s = study.ingest_study(build, files, ingest.known_classes(build, metadata_uri), cfg.output)
     agreement = "n/a" if s["overall_agreement"] is None else f"{s['overall_agreement']:.1%}"
     print(f"study: {s['answers']} answers ({s['rejected']} rejected) for {s['pairs']} pairs; overall agreement {agreement}")
     return 0
@@ -254,7 +191,7 @@ def cmd_study_ingest(args: argparse.Namespace) -> int:
 def cmd_export_reference(args: argparse.Namespace) -> int:
     from salient.dataset import build_of, export_reference
 
-    s = export_reference(build_of(args.out, args.build), args.dest)
+    s = export_reference(build_of(args.root, args.build), args.dest)
     print(
         f"exported {s['masks']} masks of {s['classes']} classes to {s['dest']}"
         + (f" ({s['filed_elsewhere']} images filed under another class: see <wnid>/image_relpaths.csv)" if s["filed_elsewhere"] else "")
@@ -306,40 +243,33 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.set_defaults(func=cmd_validate)
 
-    helps = {
-        "activations": "compute penultimate activations of every image (Ray + Prefect)",
-        "aggregate": "feature importance, (class, feature) pairs and top images per neuron",
-        "discover": "top images, heatmaps and feature attacks per pair, and the crowd-task table",
-        "ingest": "core/spurious labels per pair from answer CSVs in the paper's schema",
-        "generalize": "soft masks for the top-K images of every labelled pair (Zarr + Parquet index)",
-        "evaluate": "core and spurious accuracy of classifiers under noise on the masks",
-        "report": "report/index.html: pairs, pictures, evaluation and build facts",
-    }
-    for name, text in helps.items():
-        p = sub.add_parser(name, help=text)
+    for stage in registry.STAGES:
+        if stage.name == "simulate":
+            continue  # `salient annotate simulate`
+        p = sub.add_parser(stage.name, help=stage.help)
         _config_args(p)
-        if name == "ingest":
+        if stage.name == "ingest":
             p.add_argument("--answers", action="append", default=[], metavar="URI", help="an answer CSV (repeatable)")
-        p.set_defaults(func=_stage_command(name))
+        p.set_defaults(func=_stage_command(stage.name))
 
     p = sub.add_parser("run", help="the whole rebuild as one Prefect flow (or --stages a,b)")
     _config_args(p)
-    p.add_argument("--stages", help=f"comma-separated subset of: {', '.join(cfgmod.STAGES)} (runs them on the current build, without publishing)")
+    p.add_argument("--stages", help=f"comma-separated subset of: {', '.join(registry.NAMES)} (runs them on the current build, without publishing)")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for another rebuild of the same output to finish")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("builds", help="list the builds under an output root")
-    p.add_argument("out", help="output root (the config's `output`)")
+    p.add_argument("root", metavar="OUT", help="output root (the config's `output`)")
     p.set_defaults(func=cmd_builds)
 
     p = sub.add_parser("gc", help="remove old builds and the cache entries only they use (answers are kept)")
-    p.add_argument("out", help="output root (the config's `output`)")
+    p.add_argument("root", metavar="OUT", help="output root (the config's `output`)")
     p.add_argument("--keep", type=int, required=True, metavar="N", help="complete builds to keep (latest and current are always kept)")
     p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     p.set_defaults(func=cmd_gc)
 
     p = sub.add_parser("publish", help="point `latest` at a complete build (default: the current one)")
-    p.add_argument("out", help="output root (the config's `output`)")
+    p.add_argument("root", metavar="OUT", help="output root (the config's `output`)")
     p.add_argument("--build", help="build id (default: the current build)")
     p.set_defaults(func=cmd_publish)
 
@@ -350,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     annotate = sub.add_parser("annotate", help="annotation helpers").add_subparsers(dest="annotate_command", required=True)
-    p = annotate.add_parser("simulate", help="simulated workers answer every pair from a synthetic world's ground truth")
+    p = annotate.add_parser("simulate", help=registry.BY_NAME["simulate"].help)
     _config_args(p)
     p.set_defaults(func=_stage_command("simulate"))
     p = annotate.add_parser("serve", help="a web page where people label the pairs of a build; answers go to OUT/annotations/incoming/")
@@ -362,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_annotate_serve)
 
     study = sub.add_parser("study", help="the paper's generalisation study, for people").add_subparsers(dest="study_command", required=True)
-    p = study.add_parser("export", help="per pair: top-5 images and heatmaps against the last 5 kept, and study/tasks.csv")
+    p = study.add_parser("export", help=f"per pair: top-5 images and heatmaps against the last 5 kept, and {tables.STUDY_TASKS.path}")
     _config_args(p)
     p.set_defaults(func=cmd_study_export)
     p = study.add_parser("ingest", help="agreement per pair from study answers (same | different | A_unclear | B_unclear)")
@@ -372,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="export a build for other tools").add_subparsers(dest="export_command", required=True)
     p = export.add_parser("reference", help="the original release's layout: <wnid>/image_names_map.csv, <wnid>/feature_<j>/<stem>.png")
-    p.add_argument("out", help="output root (the config's `output`)")
+    p.add_argument("root", metavar="OUT", help="output root (the config's `output`)")
     p.add_argument("dest", help="destination folder or URI")
     p.add_argument("--build", help="build id (default: the latest published build)")
     p.set_defaults(func=cmd_export_reference)
@@ -416,24 +346,34 @@ def describe_store_error(exc: OSError) -> str:
     return f"{exc}" + (f" ({where})" if where else "") + f"; {todo}, then run again: the build resumes where it stopped"
 
 
-class _NoStoreTracebacks(logging.Filter):
-    """Keeps Prefect's console lines about a failed run, without the traceback of a store error:
-    the command's last line says what failed and what to do."""
+class _NoExpectedTracebacks(logging.Filter):
+    """Keeps Prefect's console lines about a failed run, without the traceback of a user's error or
+    a store error: the command's last line says what failed and what to do."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], OSError):
+        if record.exc_info and isinstance(record.exc_info[1], (UserError, OSError)):
             record.exc_info, record.exc_text = None, None
         return True
 
 
-def _quiet_store_tracebacks() -> None:
+def _quiet_expected_tracebacks() -> None:
     importlib.import_module("prefect.main")  # sets up Prefect's logging handlers
     from prefect.logging.handlers import PrefectConsoleHandler
 
     for logger in (logging.getLogger(), *(logging.getLogger(name) for name in list(logging.root.manager.loggerDict))):
         for handler in logger.handlers:
             if isinstance(handler, PrefectConsoleHandler):
-                handler.addFilter(_NoStoreTracebacks())
+                handler.addFilter(_NoExpectedTracebacks())
+
+
+def report_bug(exc: BaseException) -> str:
+    """Write ``exc``'s traceback to a new file; returns its path."""
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    fd, path = tempfile.mkstemp(prefix=f"salient-bug-{stamp}-", suffix=".txt")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"salient {' '.join(sys.argv[1:])}\n\n")
+        fh.write("".join(traceback.format_exception(exc)))
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -442,25 +382,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        if args.command in ("run", *STAGES):
-            _quiet_store_tracebacks()
+        if args.command in ("run", *registry.NAMES) or getattr(args, "annotate_command", None) == "simulate":
+            _quiet_expected_tracebacks()
         return func(args)
-    except LeaseHeld as exc:
-        print(f"salient: busy: {exc}", file=sys.stderr)
-        return EXIT_BUSY
-    except cfgmod.ConfigError as exc:
+    except UserError as exc:
         for line in exc.lines:
-            print(f"salient: config error: {line}", file=sys.stderr)
-        return EXIT_CONFIG
-    except (ValueError, ConnectionError) as exc:  # ConnectionError: an unreachable compute.ray_address
-        print(f"salient: error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+            print(f"salient: {exc.label}: {line}", file=sys.stderr)
+        return exc.exit_code
     except OSError as exc:
         print(f"salient: error: {describe_store_error(exc)}", file=sys.stderr)
         return EXIT_STORE
     except KeyboardInterrupt:
         print("salient: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 -- anything else is a bug, reported as one
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        print(
+            f"salient: internal error, a bug in Salient (not in your config or data): {type(exc).__name__}: {first}; "
+            f"the traceback is in {report_bug(exc)}; please report it with that file",
+            file=sys.stderr,
+        )
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

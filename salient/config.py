@@ -8,7 +8,7 @@ compute, and reports each failure as one line naming the key and its value.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, get_args
 from urllib.parse import urlsplit
 
@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from salient import storage
+from salient.errors import ConfigError
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 # PIL's own decompression-bomb limit (2 * PIL.Image.MAX_IMAGE_PIXELS): the most pixels an image may
@@ -33,6 +34,12 @@ PATH_KEYS = (
 )
 
 
+# How a field enters the cache keys of the outputs it can change (see :func:`identity`). Every field
+# counts by its value unless it says otherwise here.
+OMIT = {"salient.key": "omit"}  # changes no output: how work is spread, where a directory is
+BY_CONTENT = {"salient.key": "content"}  # a file: its content's SHA-256 counts, not its path
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -48,17 +55,21 @@ class _Section(BaseModel):
 class DatasetConfig(_Section):
     """Where the images are: an ImageFolder root ``<root>/<wnid>/<file>``."""
 
-    root: str = Field(description="ImageFolder root URI: <root>/<wnid>/<file>")
-    class_metadata: str | None = Field(None, description="CSV of class names/definitions, like imagenet_class_metadata.csv")
+    # The root's place is no input: each image's relpath, size and version key every result made from it.
+    root: str = Field(description="ImageFolder root URI: <root>/<wnid>/<file>", json_schema_extra=OMIT)
+    class_metadata: str | None = Field(
+        None, description="CSV of class names/definitions, like imagenet_class_metadata.csv", json_schema_extra=BY_CONTENT
+    )
     groundtruth: str | None = Field(
-        None, description="groundtruth.parquet of a synthetic world; default: one beside or above the root"
+        None, description="groundtruth.parquet of a synthetic world; default: one beside or above the root",
+        json_schema_extra=BY_CONTENT,
     )
 
 
 class ModelConfig(_Section):
     """The classifier whose neurons are studied."""
 
-    checkpoint: str = Field(description="checkpoint URI (robustness or torchvision state dict)")
+    checkpoint: str = Field(description="checkpoint URI (robustness or torchvision state dict)", json_schema_extra=BY_CONTENT)
     format: Literal["robustness", "torchvision", "auto"] = "auto"
     arch: str = Field("resnet50", description="torchvision classifier name, a Salient arch, or timm:<name>")
 
@@ -81,22 +92,39 @@ class PreprocessConfig(_Section):
 
 
 class ComputeConfig(_Section):
-    """How work is spread over Ray workers. Unset values are chosen for the machine at run time."""
+    """How work is spread over Ray workers. Unset values are chosen for the machine at run time.
 
-    workers: int | None = Field(None, gt=0, description="number of worker actors; default: one per GPU, else one")
-    gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per worker; default 1 with GPUs, 0 means CPU")
-    cpus_per_worker: float | None = Field(None, gt=0, description="CPUs per worker; default: all cores on a CPU-only machine")
-    batch_size: int = Field(64, gt=0)
-    shard_size: int = Field(5000, gt=0, description="images per shard")
+    Only ``precision`` changes results; the rest says where and how fast they are computed.
+    """
+
+    workers: int | None = Field(None, gt=0, description="number of worker actors; default: one per GPU, else one", json_schema_extra=OMIT)
+    gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per worker; default 1 with GPUs, 0 means CPU", json_schema_extra=OMIT)
+    cpus_per_worker: float | None = Field(
+        None, gt=0, description="CPUs per worker; default: all cores on a CPU-only machine", json_schema_extra=OMIT
+    )
+    batch_size: int = Field(64, gt=0, json_schema_extra=OMIT)
+    # Shards are keyed by their files, so how images are cut into shards changes no result.
+    shard_size: int = Field(5000, gt=0, description="images per shard", json_schema_extra=OMIT)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    decode_threads: int | None = Field(None, gt=0, description="image decoding threads per worker; default: its CPUs")
-    ray_address: str | None = Field(None, description="existing Ray cluster (host:port, ray://host:port or auto); default: a private local Ray")
-    ray_connect_timeout_s: float = Field(30.0, gt=0, description="how long to wait for ray_address to accept a connection")
+    decode_threads: int | None = Field(
+        None, gt=0, description="image decoding threads per worker; default: its CPUs", json_schema_extra=OMIT
+    )
+    ray_address: str | None = Field(
+        None, description="existing Ray cluster (host:port, ray://host:port or auto); default: a private local Ray",
+        json_schema_extra=OMIT,
+    )
+    ray_connect_timeout_s: float = Field(
+        30.0, gt=0, description="how long to wait for ray_address to accept a connection", json_schema_extra=OMIT
+    )
     request_gpus: int | None = Field(
         None, gt=0,
         description="GPUs to ask an autoscaling Ray cluster for when a GPU stage starts (withdrawn when it ends); default: use the GPUs already there",
+        json_schema_extra=OMIT,
     )
-    scale_up_timeout_s: float = Field(900.0, gt=0, description="how long a stage waits for compute.request_gpus to arrive before running on the GPUs there are")
+    scale_up_timeout_s: float = Field(
+        900.0, gt=0, description="how long a stage waits for compute.request_gpus to arrive before running on the GPUs there are",
+        json_schema_extra=OMIT,
+    )
 
     @field_validator("ray_address")
     @classmethod
@@ -127,7 +155,7 @@ class ComputeConfig(_Section):
 
 
 class AggregateConfig(_Section):
-    """Feature importance, the (class, feature) pairs and the top images (design.md §2)."""
+    """Feature importance, the (class, feature) pairs and the top images (docs/design.md §2)."""
 
     grouping: Literal["prediction", "label"] = Field("prediction", description="D(c): images predicted c (the paper's) or labelled c")
     features_per_class: int = Field(5, gt=0, description="F: top features per class, the pairs")
@@ -136,7 +164,7 @@ class AggregateConfig(_Section):
 
 
 class DiscoverConfig(_Section):
-    """What annotators are shown per (class, feature) pair (design.md §2)."""
+    """What annotators are shown per (class, feature) pair (docs/design.md §2)."""
 
     images_per_pair: int = Field(5, gt=0, description="top images shown per pair")
     attack_steps: int = Field(100, ge=0, description="feature-attack steps")
@@ -147,7 +175,7 @@ class DiscoverConfig(_Section):
 class AnnotationsConfig(_Section):
     """Human answers and the labelling rule."""
 
-    answers: list[str] = Field(default_factory=list, description="answer CSVs in the paper's schema")
+    answers: list[str] = Field(default_factory=list, description="answer CSVs in the paper's schema", json_schema_extra=BY_CONTENT)
     min_answers: int = Field(5, gt=0, description="pairs with fewer answers are labelled insufficient")
     simulated_workers: int = Field(5, gt=0, description="workers per pair of the simulated annotator")
     simulated_noise: float = Field(0.1, ge=0, le=1, description="chance a simulated worker answers at random")
@@ -155,7 +183,7 @@ class AnnotationsConfig(_Section):
 
 
 class GeneralizeConfig(_Section):
-    """Soft masks for the top images of every labelled pair (design.md §2, §3)."""
+    """Soft masks for the top images of every labelled pair (docs/design.md §2, §3)."""
 
     images_per_pair: int = Field(65, gt=0, description="top images of D(c) per pair that get a mask")
     masks_per_shard: int = Field(256, gt=0, description="masks per Zarr shard object (one writer each)")
@@ -165,7 +193,7 @@ class EvalModelConfig(_Section):
     """A classifier to measure: any torchvision classifier, a Salient arch, or timm:<name>."""
 
     name: str = Field(description="the model's name in the tables, also the name of its chart file")
-    checkpoint: str
+    checkpoint: str = Field(json_schema_extra=BY_CONTENT)
     arch: str = "resnet50"
     format: Literal["robustness", "torchvision", "auto"] = "auto"
 
@@ -182,13 +210,14 @@ class EvalModelConfig(_Section):
 
 
 class EvaluateConfig(_Section):
-    """Sensitivity of classifiers to noise on core and spurious regions (design.md §2)."""
+    """Sensitivity of classifiers to noise on core and spurious regions (docs/design.md §2)."""
 
     models: list[EvalModelConfig] = Field(default_factory=list)
     sigmas: list[float] = Field(default_factory=lambda: [0.25], description="noise levels")
     trials: int = Field(1, gt=0, description="noise draws per image, averaged")
     seed: int = 0
-    images_per_block: int = Field(128, gt=0, description="images per work item on the actor pool")
+    # The noise of an image depends on (seed, trial, image_id) alone, so blocks change no result.
+    images_per_block: int = Field(128, gt=0, description="images per work item on the actor pool", json_schema_extra=OMIT)
 
     @field_validator("sigmas")
     @classmethod
@@ -227,14 +256,6 @@ class Config(BaseModel):
         if value is not None and not value.strip():
             raise ValueError("must not be empty")
         return value
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used. ``lines`` holds one message per problem."""
-
-    def __init__(self, lines: Sequence[str]) -> None:
-        self.lines = list(lines)
-        super().__init__("\n".join(self.lines))
 
 
 def _loc(loc: Iterable[Any]) -> str:
@@ -382,147 +403,23 @@ def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True), sort_keys=False)
 
 
-# ---- pre-flight checks -------------------------------------------------------------------------
-
-SECTIONS = ("dataset", "model", "output", "preprocess", "compute")
-
-
-def _require(cfg: Config, sections: Iterable[str]) -> list[str]:
-    hints = {"dataset": "dataset.root", "model": "model.checkpoint", "output": "output"}
-    return [
-        f"{s}: missing; this command needs {hints[s]} (set it in the config or with --set {hints[s]}=...)"
-        for s in sections
-        if s in hints and getattr(cfg, s) is None
-    ]
-
-
-def check_dataset(cfg: Config, max_folders: int = 8) -> list[str]:
-    """The dataset root exists and holds class folders with images; optional files exist."""
-    assert cfg.dataset is not None
-    root = cfg.dataset.root
-    problems = []
-    try:
-        fs, path = storage.url_to_fs(root)
-        if not fs.isdir(path):
-            return [f"dataset.root = {root!r}: does not exist or is not a directory; point it at an ImageFolder root (<root>/<wnid>/<image>)"]
-        folders = sorted(e["name"] for e in fs.ls(path, detail=True) if e["type"] == "directory")
-    except Exception as exc:  # noqa: BLE001 -- any filesystem error is reported as this key's problem
-        return [f"dataset.root = {root!r}: cannot be listed ({type(exc).__name__}: {exc})"]
-    if not folders:
-        problems.append(f"dataset.root = {root!r}: has no class folders; expected <root>/<wnid>/<image>")
-    else:
-        with_images = 0
-        for folder in folders[:max_folders]:
-            if any(str(n).lower().endswith(IMAGE_EXTENSIONS) for n in fs.ls(folder, detail=False)):
-                with_images += 1
-        if with_images == 0:
-            problems.append(
-                f"dataset.root = {root!r}: class folders hold no images ({', '.join(IMAGE_EXTENSIONS)}); "
-                "expected <root>/<wnid>/<image>"
-            )
-    for key in ("class_metadata", "groundtruth"):
-        value = getattr(cfg.dataset, key)
-        if value is not None and not storage.exists(value):
-            problems.append(f"dataset.{key} = {value!r}: does not exist")
-    if cfg.dataset.class_metadata is not None and storage.exists(cfg.dataset.class_metadata):
-        from salient import metadata
-
-        try:
-            metadata.read_class_metadata(cfg.dataset.class_metadata)
-        except ValueError as exc:
-            problems.append(f"dataset.class_metadata = {cfg.dataset.class_metadata!r}: {exc}")
-    return problems
-
-
-def check_model(cfg: Config, need_discovery: bool = False) -> list[str]:
-    """The architecture is known and the checkpoint loads for it."""
-    from salient import models
-
-    assert cfg.model is not None
-    m = cfg.model
-    if not models.known_arch(m.arch):
-        return [
-            f"model.arch = {m.arch!r}: unknown; use a torchvision classifier name (e.g. resnet50), "
-            f"one of {sorted(models.LOCAL_ARCHS)}, or timm:<name> with timm installed"
-        ]
-    try:
-        model = models.load(m.checkpoint, m.arch, m.format)
-    except models.CheckpointError as exc:
-        return [f"model.checkpoint = {m.checkpoint!r}: {exc}"]
-    if need_discovery and not model.supports_discovery:
-        return [f"model.arch = {m.arch!r}: has no last conv stage and final linear layer; discovery needs a ResNet-like CNN"]
-    return []
-
-
-def check_eval_models(cfg: Config) -> None:
-    """Every ``evaluate.models`` entry names a known arch and its checkpoint loads for it."""
-    from salient import models
-
-    problems = [] if cfg.evaluate.models else ["evaluate.models: empty; list the classifiers to measure ({name, arch, checkpoint, format})"]
-    for i, m in enumerate(cfg.evaluate.models):
-        if not models.known_arch(m.arch):
-            problems.append(f"evaluate.models.{i}.arch = {m.arch!r}: unknown; use a torchvision classifier name or timm:<name>")
+def identity(section: BaseModel, digest: Callable[[str], str]) -> Any:
+    """What of a config section can change an output, for cache keys: every field but those marked
+    ``OMIT``, nested sections likewise, with the files of ``BY_CONTENT`` fields as ``digest(uri)``."""
+    out: dict[str, Any] = {}
+    for name, field in type(section).model_fields.items():
+        how = (field.json_schema_extra or {}).get("salient.key") if isinstance(field.json_schema_extra, dict) else None
+        if how == "omit":
             continue
-        try:
-            models.load(m.checkpoint, m.arch, m.format)
-        except models.CheckpointError as exc:
-            problems.append(f"evaluate.models.{i}.checkpoint = {m.checkpoint!r}: {exc}")
-    if problems:
-        raise ConfigError(problems)
+        value = getattr(section, name)
+        if how == "content":
+            value = [digest(v) for v in value] if isinstance(value, list) else (None if value is None else digest(value))
+        elif isinstance(value, BaseModel):
+            value = identity(value, digest)
+        elif isinstance(value, list):
+            value = [identity(v, digest) if isinstance(v, BaseModel) else v for v in value]
+        out[name] = value
+    return out
 
 
-def check_output(cfg: Config) -> list[str]:
-    """The output root can be written."""
-    assert cfg.output is not None
-    try:
-        storage.check_writable(cfg.output)
-    except Exception as exc:  # noqa: BLE001 -- report any storage failure against the key
-        return [f"output = {cfg.output!r}: not writable ({type(exc).__name__}: {exc})"]
-    return []
-
-
-def check(cfg: Config, sections: Iterable[str], need_discovery: bool = False) -> None:
-    """Run the checks for ``sections`` only; raise :class:`ConfigError` listing every failure."""
-    sections = list(sections)
-    problems = _require(cfg, sections)
-    if not problems:
-        if "dataset" in sections:
-            problems += check_dataset(cfg)
-        if "model" in sections:
-            problems += check_model(cfg, need_discovery)
-        if "output" in sections:
-            problems += check_output(cfg)
-    if problems:
-        raise ConfigError(problems)
-
-
-def present_sections(cfg: Config) -> list[str]:
-    """The checkable sections that this config sets."""
-    return [s for s in ("dataset", "model", "output") if getattr(cfg, s) is not None]
-
-
-# What each stage reads: the config sections it checks before any work, and whether it needs a
-# ResNet-like model (a last conv stage and a final linear layer).
-STAGE_REQUIREMENTS: dict[str, tuple[tuple[str, ...], bool]] = {
-    "activations": (("dataset", "model", "output"), True),
-    "aggregate": (("model", "output"), True),
-    "discover": (("dataset", "model", "output"), True),
-    "simulate": (("dataset", "output"), False),
-    "ingest": (("output",), False),
-    "generalize": (("dataset", "model", "output"), True),
-    "evaluate": (("dataset", "output"), False),
-    "report": (("output",), False),
-}
-STAGES = tuple(STAGE_REQUIREMENTS)
-
-
-def check_stages(cfg: Config, stages: Iterable[str]) -> None:
-    """The pre-flight checks of every named stage, run once; raise :class:`ConfigError` listing every failure."""
-    stages = list(stages)
-    unknown = [s for s in stages if s not in STAGE_REQUIREMENTS]
-    if unknown:
-        raise ConfigError([f"stages = {unknown}: unknown; use some of {', '.join(STAGES)}"])
-    sections = sorted({sec for s in stages for sec in STAGE_REQUIREMENTS[s][0]}, key=SECTIONS.index)
-    check(cfg, sections, need_discovery=any(STAGE_REQUIREMENTS[s][1] for s in stages))
-    if "evaluate" in stages:
-        check_eval_models(cfg)
+SECTIONS = ("dataset", "model", "output")  # what the pre-flight checks, in this order

@@ -12,34 +12,36 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from salient import builds, images, nam, storage
-from salient.masks import INDEX_TABLE, open_array
+from salient import builds, images, nam, storage, tables
+from salient.errors import InputError
+from salient.masks import open_array
 
 
-def build_of(out: str, build_id: str | None = None) -> str:
-    """The build directory to read: ``out`` itself when it is one, else the build ``build_id`` of the
-    output root ``out`` (default: its ``latest`` published build)."""
-    if build_id is None and not storage.exists(storage.join(out, "latest")) and storage.exists(storage.join(out, INDEX_TABLE)):
-        return out
-    return builds.resolve(out, build_id)
+def build_of(root: str, build_id: str | None = None) -> str:
+    """The build directory to read: ``root`` itself when it is one, else the build ``build_id`` of the
+    output root ``root`` (default: its ``latest`` published build)."""
+    if build_id is None and not storage.exists(storage.join(root, "latest")) and storage.exists(storage.join(root, tables.MASK_INDEX.path)):
+        return root
+    return builds.resolve(root, build_id)
 
 
 class SalientMasks:
     """The masks of a build: ``masks/index.parquet`` and ``masks/masks.zarr``.
 
-    ``out`` is an output root (its ``latest`` build is read, or ``build_id``) or a build directory.
+    ``root`` is an output root (its ``latest`` build is read, or ``build_id``) or a build directory;
+    ``build`` is the build directory read.
     """
 
-    def __init__(self, out: str, build_id: str | None = None) -> None:
-        out = build_of(out, build_id)
-        self.out = out
-        uri = storage.join(out, INDEX_TABLE)
+    def __init__(self, root: str, build_id: str | None = None) -> None:
+        build = build_of(root, build_id)
+        self.build = build
+        uri = storage.join(build, tables.MASK_INDEX.path)
         if not storage.exists(uri):
-            raise ValueError(f"no mask index at {uri}; run `salient generalize CONFIG` first")
+            raise InputError(f"no mask index at {uri}; run `salient generalize CONFIG` first")
         self.index = storage.read_parquet(uri)
-        self.array = open_array(out, mode="r")
+        self.array = open_array(build, mode="r")
         if self.array.shape[0] != self.index.num_rows:
-            raise ValueError(f"{out}: the mask array has {self.array.shape[0]} rows, the index {self.index.num_rows}")
+            raise InputError(f"{build}: the mask array has {self.array.shape[0]} rows, the index {self.index.num_rows}")
         rel = self.index.column("relpath").to_pylist()
         feat = self.index.column("feature_index").to_pylist()
         self._by_key: dict[tuple[str, int], list[int]] = {}
@@ -92,12 +94,13 @@ class SalientDataset(Dataset):
 
     The core (spurious) mask is the pixel-wise max of the image's masks from core (spurious)
     pairs, as float32 in [0, 1]; zeros when it has none. Items are
-    ``(image [3, H, W] in [0, 1], core [H, W], spurious [H, W], label)``.
+    ``(image [3, H, W] in [0, 1], core [H, W], spurious [H, W], label)``. ``root`` is the output
+    root (or a build directory, as for :class:`SalientMasks`); images are read from ``dataset_root``.
     """
 
-    def __init__(self, out: str, root: str, resize: int, crop: int, build_id: str | None = None) -> None:
-        self.masks = SalientMasks(out, build_id)
-        self.root = root
+    def __init__(self, root: str, dataset_root: str, resize: int, crop: int, build_id: str | None = None) -> None:
+        self.masks = SalientMasks(root, build_id)
+        self.dataset_root = dataset_root
         self.resize, self.crop = resize, crop
         self.relpaths = self.masks.images()
         self._pair_labels = self.masks.index.column("label").to_pylist()
@@ -109,7 +112,7 @@ class SalientDataset(Dataset):
 
     def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         rel = self.relpaths[k]
-        img = images.load_image(storage.read_bytes(storage.under(self.root, rel)), self.resize, self.crop)
+        img = images.load_image(storage.read_bytes(storage.under(self.dataset_root, rel)), self.resize, self.crop)
         core = np.zeros((self.crop, self.crop), np.float32)
         spurious = np.zeros((self.crop, self.crop), np.float32)
         for i in self.masks.rows_for(rel):
@@ -118,14 +121,15 @@ class SalientDataset(Dataset):
         return img, torch.from_numpy(core), torch.from_numpy(spurious), self._image_label[rel]
 
 
-def export_reference(out: str, dest: str) -> dict:
+def export_reference(root: str, dest: str) -> dict:
     """Write the original release's layout under ``dest``: ``<wnid>/image_names_map.csv`` (one column
     per feature, the image stems in rank order) and ``<wnid>/feature_<j>/<stem>.png``.
 
     The reference notebooks open ``train/<wnid>/<stem>``; an image filed under another class folder
     is named ``<its folder>__<stem>`` and listed with its own relpath in ``<wnid>/image_relpaths.csv``.
+    ``root`` is an output root (its ``latest`` build is exported) or a build directory.
     """
-    m = SalientMasks(out)
+    m = SalientMasks(root)
     cols = m.index.select(["class_index", "wnid", "feature_index", "rank", "relpath"]).to_pylist()
     by_class: dict[str, dict[int, list[tuple[int, str, int]]]] = {}
     for i, r in enumerate(cols):

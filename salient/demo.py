@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import pyarrow as pa
 import yaml
 
-from salient import aggregate, builds, evaluate, groundtruth, masks, models, report, simulate, storage, train, world
+from salient import builds, groundtruth, models, report, simulate, storage, tables, train, world
 
 MODELS = (("biased", False), ("debiased", True))
 
@@ -94,17 +94,17 @@ def run(
     if builds.read_pointer(root, "latest") is None:
         return result
     build = builds.resolve(root)
-    pairs_uri = storage.join(build, aggregate.PAIRS_TABLE)
+    pairs_uri = storage.join(build, tables.PAIRS.path)
     if storage.exists(pairs_uri):
         print_top_features(storage.read_parquet(pairs_uri), meta)
-    labels_uri = storage.join(build, "annotations", "labels.parquet")
+    labels_uri = storage.join(build, tables.LABELS.path)
     if storage.exists(labels_uri):
         result["discovery"] = score_discovery(out, build, size, meta)
-    if storage.exists(storage.join(build, masks.INDEX_TABLE)):
+    if storage.exists(storage.join(build, tables.MASK_INDEX.path)):
         result["generalization"] = print_generalization(out, build, size, meta)
-    if storage.exists(storage.join(build, evaluate.CLASSES_TABLE)):
+    if storage.exists(storage.join(build, tables.EVAL_CLASSES.path)):
         result["sensitivity"] = print_sensitivity(build, meta)
-    page = storage.join(build, "report", "index.html")
+    page = storage.join(build, tables.REPORT.path)
     if storage.exists(page):
         print(f"report: {page}")
     return result
@@ -114,7 +114,7 @@ def print_sensitivity(build: str, world_meta: dict) -> dict[str, dict[float, flo
     """Per class with a spurious pair: each model's core accuracy (noise on the class's spurious
     masks) at every sigma and the clean accuracy of the same images, then the mean drop per model
     and sigma (from ``evaluation/summary.parquet``), which is also returned."""
-    rows = [r for r in storage.read_parquet(storage.join(build, evaluate.CLASSES_TABLE)).to_pylist() if r["core_acc"] is not None]
+    rows = [r for r in storage.read_parquet(storage.join(build, tables.EVAL_CLASSES.path)).to_pylist() if r["core_acc"] is not None]
     order = [name for name, _ in MODELS]
     names = sorted({r["model"] for r in rows}, key=lambda m: (order.index(m) if m in order else len(order), m))
     sigmas = sorted({r["sigma"] for r in rows})
@@ -132,7 +132,7 @@ def print_sensitivity(build: str, world_meta: dict) -> dict[str, dict[float, flo
             line += f"{cells} ({report.fmt(clean)})".ljust(width)
         n = next(r["n_spurious_images"] for r in rows if r["class_index"] == c)
         print(f"{c:<6} {design[c]['shape']:<11} {design[c]['cue_kind']:<17} {n:<7} {line.rstrip()}")
-    summary = storage.read_parquet(storage.join(build, evaluate.SUMMARY_TABLE)).to_pylist()
+    summary = storage.read_parquet(storage.join(build, tables.EVAL_SUMMARY.path)).to_pylist()
     drops = {name: {r["sigma"]: r["mean_core_drop"] for r in summary if r["model"] == name} for name in names}
     print("mean core-accuracy drop (clean - core) over these classes: " + "; ".join(
         f"sigma {s:g}: " + ", ".join(f"{name} {report.fmt(drops[name].get(s))}" for name in names) for s in sigmas
@@ -164,7 +164,7 @@ def print_generalization(out: str, build: str, size: int, world_meta: dict) -> f
 def score_discovery(out: str, build: str, size: int, world_meta: dict) -> dict:
     """Labels from the (simulated) annotators in the build directory ``build`` against the truth of
     every pair, and discovery per class against the world's design; printed, and returned as figures."""
-    labels = [r for r in storage.read_parquet(storage.join(build, "annotations", "labels.parquet")).to_pylist() if r["in_build"]]
+    labels = [r for r in storage.read_parquet(storage.join(build, tables.LABELS.path)).to_pylist() if r["in_build"]]
     model = models.load(storage.join(out, "models", "biased.pt"), "tiny_resnet")
     root = storage.join(out, "world", "train")
     truths = groundtruth.load(storage.join(out, "world", groundtruth.TABLE), "train", None, size, size)

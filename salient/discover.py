@@ -1,4 +1,4 @@
-"""Discovery: what annotators see for every (class, feature) pair (design.md §2, §3 ``discover``).
+"""Discovery: what annotators see for every (class, feature) pair (docs/design.md §2, §3 ``discover``).
 
 Per pair, under ``discover/<wnid>/feature_<j>/``: ``images.png`` (the top images' preprocessed
 crops side by side), ``heatmaps.png`` (jet of the NAM over each image, red = high), ``attacks.png``
@@ -19,14 +19,11 @@ import pyarrow.compute as pc
 import torch
 from PIL import Image
 
-from salient import attack, builds, images, models, nam, storage
-from salient.aggregate import PAIRS_TABLE, TOPK_CLASS_TABLE
+from salient import attack, images, models, nam, storage, tables
 from salient.config import DiscoverConfig, ModelConfig, PreprocessConfig
 from salient.metadata import ClassInfo
 
 CODE_VERSION = "discover-1"
-DIRNAME = "discover"
-TASKS_CSV = "discover/tasks.csv"
 STRIPS = ("images", "heatmaps", "attacks")
 TASK_COLUMNS = (
     "class_index", "wnid", "class_name", "definition", "supercategory", "feature_index", "feature_rank",
@@ -34,8 +31,9 @@ TASK_COLUMNS = (
 )
 
 
-def pair_dir(out: str, wnid: str, feature: int) -> str:
-    return storage.join(out, DIRNAME, storage.safe_relpath(wnid), f"feature_{feature}")
+def pair_dir(build: str, wnid: str, feature: int) -> str:
+    """The folder of one pair's strips and ``assets.json`` in the build directory ``build``."""
+    return storage.join(build, tables.discover_pair(wnid, feature))
 
 
 @dataclass
@@ -51,23 +49,21 @@ class PairWork:
 
 @dataclass
 class ClassWork:
-    """All pairs of one class whose assets must be (re)made; the attack batches them together."""
+    """All pairs of one class whose assets must be (re)made; the attack batches them together.
+    ``root`` is the dataset root, ``build`` the build directory."""
 
     class_index: int
     root: str
-    out: str
+    build: str
     pairs: list[PairWork] = field(default_factory=list)
 
 
-def plan_work(
-    out: str, root: str, weights_sha256: str, model: ModelConfig, preprocess: PreprocessConfig, cfg: DiscoverConfig,
-    cache_root: str | None = None,
-) -> tuple[list[ClassWork], list[dict]]:
-    """Classes with pairs to (re)make, and the asset records of pairs already made from the same
-    inputs, in this build or (with ``cache_root``, the output root) in its cache."""
-    pairs = storage.read_parquet(storage.join(out, PAIRS_TABLE)).to_pylist()
-    topk = storage.read_parquet(storage.join(out, TOPK_CLASS_TABLE))
-    topk = topk.filter(pc.less_equal(topk.column("rank"), cfg.images_per_pair)).sort_by(
+def plan_pairs(build: str, base_fp: str, images_per_pair: int) -> list[PairWork]:
+    """Every pair of the build at ``build`` with the top images annotators are shown; a pair's
+    fingerprint is ``base_fp`` (the model, preprocessing and attack) with the pair and those images."""
+    pairs = storage.read_parquet(storage.join(build, tables.PAIRS.path)).to_pylist()
+    topk = storage.read_parquet(storage.join(build, tables.TOPK_CLASS.path))
+    topk = topk.filter(pc.less_equal(topk.column("rank"), images_per_pair)).sort_by(
         [("class_index", "ascending"), ("feature_index", "ascending"), ("rank", "ascending")]
     )
     shown: dict[tuple[int, int], tuple[list[int], list[str]]] = {}
@@ -75,24 +71,13 @@ def plan_work(
         ids, rels = shown.setdefault((row["class_index"], row["feature_index"]), ([], []))
         ids.append(row["image_id"])
         rels.append(row["relpath"])
-    base = (CODE_VERSION, weights_sha256, model.arch, preprocess.resize, preprocess.crop, cfg.attack_steps, cfg.attack_step_size)
-    todo: dict[int, ClassWork] = {}
-    done: list[dict] = []
+    work = []
     for p in pairs:
         key = (p["class_index"], p["feature_index"])
         ids, rels = shown.get(key, ([], []))
-        fp = storage.fingerprint(*base, key, ids, rels)
-        record_uri = storage.join(pair_dir(out, p["wnid"], p["feature_index"]), "assets.json")
-        record = storage.read_json(record_uri) if storage.exists(record_uri) else None
-        if (record is None or record.get("fingerprint") != fp) and cache_root is not None:
-            if builds.restore_entry(cache_root, DIRNAME, fp, pair_dir(out, p["wnid"], p["feature_index"])):
-                record = storage.read_json(record_uri)
-        if record is not None and record.get("fingerprint") == fp:
-            done.append(record)
-            continue
-        work = todo.setdefault(p["class_index"], ClassWork(p["class_index"], root, out))
-        work.pairs.append(PairWork(p["class_index"], p["wnid"], p["feature_index"], p["feature_rank"], ids, rels, fp))
-    return [todo[c] for c in sorted(todo)], done
+        fp = storage.fingerprint(base_fp, key, ids, rels)
+        work.append(PairWork(p["class_index"], p["wnid"], p["feature_index"], p["feature_rank"], ids, rels, fp))
+    return work
 
 
 def png_strip(tiles: Sequence[np.ndarray]) -> bytes:
@@ -146,7 +131,7 @@ class DiscoverRunner:
             attacked = amplified.permute(0, 2, 3, 1).float().cpu().numpy()
             low_np = low.cpu().numpy()
         for p, (a, b) in zip(work.pairs, spans):
-            folder = pair_dir(work.out, p.wnid, p.feature_index)
+            folder = pair_dir(work.build, p.wnid, p.feature_index)
             record = {
                 "fingerprint": p.fingerprint,
                 "class_index": p.class_index,
@@ -169,19 +154,12 @@ class DiscoverRunner:
                     record["files"][name] = f"{p.wnid}/feature_{p.feature_index}/{name}.png"
                 record["nam_h"], record["nam_w"] = int(low_np.shape[1]), int(low_np.shape[2])
                 record["nams"] = [np.round(low_np[i], 4).ravel().tolist() for i in range(a, b)]
-            storage.write_json(storage.join(folder, "assets.json"), record)
+            storage.write_json(storage.join(folder, tables.ASSETS), record)
             records.append(record)
         return records
 
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-
-
-def cache_pair(cache_root: str, out: str, record: dict) -> str:
-    """Keep a made pair's assets in the output root's cache; returns the cache entry."""
-    folder = pair_dir(out, record["wnid"], record["feature_index"])
-    files = [storage.basename(f) for f in record["files"].values()] + ["assets.json"]
-    return builds.save_entry(cache_root, DIRNAME, record["fingerprint"], folder, files)
 
 
 def csv_safe(value: object) -> object:
@@ -191,7 +169,7 @@ def csv_safe(value: object) -> object:
     return f"'{value}" if isinstance(value, str) and value.lstrip(" \n").startswith(_FORMULA_START) else value
 
 
-def write_tasks(out: str, records: Sequence[dict], metadata: Sequence[ClassInfo] | None, base_url: str | None) -> str:
+def write_tasks(build: str, records: Sequence[dict], metadata: Sequence[ClassInfo] | None, base_url: str | None) -> str:
     """``discover/tasks.csv``: one row per pair, the fields a crowd-work task needs; returns its URI."""
     by_wnid = {c.wnid: c for c in metadata or []}
     prefix = (base_url.rstrip("/") + "/") if base_url else ""
@@ -207,6 +185,6 @@ def write_tasks(out: str, records: Sequence[dict], metadata: Sequence[ClassInfo]
             *(prefix + r["files"][s] if s in r["files"] else "" for s in STRIPS),
             ";".join(map(str, r["image_ids"])),
         )])
-    uri = storage.join(out, TASKS_CSV)
+    uri = storage.join(build, tables.TASKS.path)
     storage.write_bytes_atomic(uri, buf.getvalue().encode("utf-8"))
     return uri

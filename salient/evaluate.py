@@ -1,4 +1,4 @@
-"""Sensitivity evaluation (design.md §2 "Sensitivity"): how much a classifier depends on the core
+"""Sensitivity evaluation (docs/design.md §2 "Sensitivity"): how much a classifier depends on the core
 and the spurious regions of the mask store.
 
 x_noisy = clip(x + sigma * N(0, I) * M, 0, 1), M a soft mask in [0, 1] broadcast over channels.
@@ -21,14 +21,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from salient import images, models, storage
+from salient import images, models, storage, tables
 from salient.config import EvalModelConfig, PreprocessConfig
 
 CODE_VERSION = "evaluate-1"
-DIRNAME = "evaluation"
-PAIRS_TABLE = "evaluation/pairs.parquet"
-CLASSES_TABLE = "evaluation/classes.parquet"
-SUMMARY_TABLE = "evaluation/summary.parquet"
+# The tables this stage writes, in salient.tables; these names stay for callers outside salient/.
+CLASSES_TABLE = tables.EVAL_CLASSES.path
+SUMMARY_TABLE = tables.EVAL_SUMMARY.path
 CLEAN = "clean"
 
 
@@ -143,10 +142,11 @@ def results_table(rows: list[tuple]) -> pa.Table:
 
 @dataclass
 class EvalRunner:
-    """Loads one classifier once; evaluates blocks of images read through the mask store."""
+    """Loads one classifier once; evaluates blocks of images read through the mask store of the
+    build directory ``build``; ``root`` is the dataset root."""
 
     entry: EvalModelConfig
-    out: str
+    build: str
     root: str
     preprocess: PreprocessConfig
     sigmas: list[float]
@@ -161,7 +161,7 @@ class EvalRunner:
 
         e = self.entry
         self.net, self.device = models.load_for_worker(e.checkpoint, e.arch, e.format, self.device, self.threads)
-        self.store = SalientMasks(self.out)
+        self.store = SalientMasks(self.build)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():

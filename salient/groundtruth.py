@@ -17,6 +17,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from salient import storage
+from salient.errors import InputError
 from salient.models import SalientModel
 
 TABLE = "groundtruth.parquet"
@@ -35,7 +36,7 @@ def find(root: str, explicit: str | None = None, levels: int = 3) -> tuple[str, 
             return uri, split
         split = f"{posixpath.basename(parent)}/{split}"
         parent = posixpath.dirname(parent)
-    raise ValueError(
+    raise InputError(
         f"no {TABLE} beside or above dataset.root = {root!r}; set dataset.groundtruth "
         "(a synthetic world written by `salient synth` has one)"
     )
@@ -70,7 +71,7 @@ def load(uri: str, split: str, relpaths: list[str] | None, resize: int, crop: in
         )
     missing = sorted(set(relpaths or ()) - set(out))
     if missing:
-        raise ValueError(f"{len(missing)} images have no ground truth in {uri} (split {split!r}), e.g. {missing[0]}")
+        raise InputError(f"{len(missing)} images have no ground truth in {uri} (split {split!r}), e.g. {missing[0]}")
     return out
 
 

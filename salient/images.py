@@ -1,4 +1,4 @@
-"""Decoding and preprocessing, with PIL semantics (design.md §2).
+"""Decoding and preprocessing, with PIL semantics (docs/design.md §2).
 
 ``Resize(resize)`` on the shorter side (bilinear, antialiased as PIL does) -> ``CenterCrop(crop)``
 -> ``[0, 1]`` RGB float tensor. EXIF orientation is not applied: images are used as stored, and
@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 
 from salient.config import MAX_PIXELS
+from salient.errors import InputError
 
 # Exceptions that mean "this file is not a usable image"; anything else is a bug and propagates.
 DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -24,7 +25,7 @@ DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image
 EXIF_ORIENTATION = 0x0112
 
 
-class TooManyPixels(ValueError):
+class TooManyPixels(InputError):
     """An image refused before decoding: too many pixels as stored or once resized."""
 
 
@@ -59,7 +60,7 @@ def _open(data: bytes, max_pixels: int, resize: int | None) -> Image.Image:
     """The image with only its header read, refused if it has, or would have once resized, more than
     ``max_pixels`` pixels."""
     if not data:
-        raise ValueError("empty file (0 bytes)")
+        raise InputError("empty file (0 bytes)")
     limit = f"preprocess.max_pixels = {max_pixels:,}"
     try:
         img = Image.open(io.BytesIO(data))

@@ -1,4 +1,4 @@
-"""Generalisation and the mask store (design.md §2 "Generalisation", §3 ``generalize``).
+"""Generalisation and the mask store (docs/design.md §2 "Generalisation", §3 ``generalize``).
 
 A pair's label, given on its top-5 images, is applied to its top-K images without more human
 work; the mask of each of those images is the pair's NAM. Masks go to ``masks/masks.zarr`` (Zarr
@@ -27,25 +27,25 @@ import torch
 import zarr
 from zarr.codecs import ZstdCodec
 
-from salient import builds, images, models, nam, storage
-from salient.aggregate import TOPK_CLASS_TABLE
+from salient import builds, images, models, nam, storage, tables
 from salient.config import GeneralizeConfig, ModelConfig, PreprocessConfig
-from salient.ingest import LABELS_TABLE
+from salient.errors import InputError
 
 CODE_VERSION = "generalize-2"
-DIRNAME = "masks"
-INDEX_TABLE = "masks/index.parquet"
-ZARR_PATH = "masks/masks.zarr"
-BLOCKS = "masks/blocks"
+# Where the masks are, in salient.tables; these names stay for callers outside salient/.
+DIRNAME = tables.MASKS_DIR
+INDEX_TABLE = tables.MASK_INDEX.path
+ZARR_PATH = tables.MASKS.path
+BLOCKS = tables.MASK_BLOCKS
 INDEX_COLUMNS = (
     "row", "class_index", "wnid", "feature_index", "feature_rank", "label", "kind",
     "image_id", "relpath", "image_label", "rank", "activation",
 )
 
 
-def open_array(out: str, mode: str = "r") -> zarr.Array:
-    """The mask array of a build output (any fsspec URI)."""
-    return zarr.open_array(store=_store(storage.join(out, ZARR_PATH), read_only=mode == "r"), mode=mode, zarr_format=3)
+def open_array(build: str, mode: str = "r") -> zarr.Array:
+    """The mask array of the build directory ``build`` (any fsspec URI)."""
+    return zarr.open_array(store=_store(storage.join(build, tables.MASKS.path), read_only=mode == "r"), mode=mode, zarr_format=3)
 
 
 def _store(uri: str, read_only: bool) -> zarr.abc.store.Store:
@@ -54,13 +54,13 @@ def _store(uri: str, read_only: bool) -> zarr.abc.store.Store:
     return zarr.storage.FsspecStore.from_url(uri, read_only=read_only)
 
 
-def plan_rows(out: str, cfg: GeneralizeConfig) -> pa.Table:
+def plan_rows(build: str, cfg: GeneralizeConfig) -> pa.Table:
     """One row per mask to make: every pair labelled core or spurious, its top ``images_per_pair``
     images, ordered by image (then class, then feature). ``label`` is the pair's label (core or
     spurious); ``image_label`` the image's class folder."""
-    labels = storage.read_parquet(storage.join(out, LABELS_TABLE), ["class_index", "feature_index", "label", "kind"])
+    labels = storage.read_parquet(storage.join(build, tables.LABELS.path), ["class_index", "feature_index", "label", "kind"])
     labels = labels.filter(pc.is_in(labels.column("label"), value_set=pa.array(["core", "spurious"])))
-    topk = storage.read_parquet(storage.join(out, TOPK_CLASS_TABLE))
+    topk = storage.read_parquet(storage.join(build, tables.TOPK_CLASS.path))
     topk = topk.filter(pc.less_equal(topk.column("rank"), cfg.images_per_pair))
     topk = topk.rename_columns(["image_label" if c == "label" else c for c in topk.column_names])
     rows = topk.join(labels, keys=["class_index", "feature_index"], join_type="inner")
@@ -78,7 +78,8 @@ class MaskBlock:
     """Rows [start, start + len) of the mask array: exactly one Zarr shard, written by one worker.
 
     ``cached`` holds the low-resolution NAM (``h*w`` floats, ``nam_shape``) of rows whose pair's
-    NAMs are cached, by position in the block; the model runs only for the other rows.
+    NAMs are cached, by position in the block; the model runs only for the other rows. ``root`` is
+    the dataset root, ``build`` the build directory.
     """
 
     index: int
@@ -86,7 +87,7 @@ class MaskBlock:
     relpaths: list[str]
     features: list[int]
     root: str
-    out: str
+    build: str
     fingerprint: str
     cached: dict[int, list[float]] = field(default_factory=dict)
     nam_shape: tuple[int, int] | None = None
@@ -120,13 +121,13 @@ def cached_nams(cache_root: str, rows: pa.Table, keys: dict[tuple[int, int], str
     return out, shape
 
 
-def cache_pair_nams(cache_root: str, out: str, rows: pa.Table, keys: dict[tuple[int, int], str], n_blocks: int) -> list[str]:
+def cache_pair_nams(cache_root: str, build: str, rows: pa.Table, keys: dict[tuple[int, int], str], n_blocks: int) -> list[str]:
     """Keep the NAMs of every pair in ``rows`` not cached yet, from the build's committed blocks;
     returns the cache entries of all the pairs."""
     missing = {pair for pair, key in keys.items() if builds.read_entry(cache_root, NAMS_STAGE, key) is None}
     if missing:
-        lows = pa.concat_tables([storage.read_parquet(block_nams(out, k)) for k in range(n_blocks)]).sort_by("row")
-        meta = storage.read_json(block_marker(out, 0))
+        lows = pa.concat_tables([storage.read_parquet(block_nams(build, k)) for k in range(n_blocks)]).sort_by("row")
+        meta = storage.read_json(block_marker(build, 0))
         cols = rows.select(["class_index", "feature_index", "relpath"]).to_pydict()
         per_pair: dict[tuple[int, int], tuple[list[str], list]] = {}
         for (c, j, rel), low in zip(zip(*cols.values()), lows.column("nam").to_pylist()):
@@ -142,16 +143,16 @@ def cache_pair_nams(cache_root: str, out: str, rows: pa.Table, keys: dict[tuple[
     return [f"{NAMS_STAGE}/{key}" for key in keys.values()]
 
 
-def block_marker(out: str, index: int) -> str:
-    return storage.join(out, BLOCKS, f"block-{index:05d}.json")
+def block_marker(build: str, index: int) -> str:
+    return storage.join(build, tables.mask_block_marker(index))
 
 
-def block_nams(out: str, index: int) -> str:
-    return storage.join(out, BLOCKS, f"block-{index:05d}.parquet")
+def block_nams(build: str, index: int) -> str:
+    return storage.join(build, tables.mask_block_nams(index))
 
 
 def plan_blocks(
-    rows: pa.Table, root: str, out: str, shard: int, stage_fp: str,
+    rows: pa.Table, root: str, build: str, shard: int, stage_fp: str,
     cached: dict[int, list[float]] | None = None, nam_shape: tuple[int, int] | None = None,
 ) -> list[MaskBlock]:
     rels = rows.column("relpath").to_pylist()
@@ -161,13 +162,8 @@ def plan_blocks(
     for k, start in enumerate(range(0, len(rels), shard)):
         r, f = rels[start : start + shard], feats[start : start + shard]
         mine = {i - start: cached[i] for i in range(start, start + len(r)) if i in cached}
-        blocks.append(MaskBlock(k, start, r, f, root, out, storage.fingerprint(stage_fp, start, r, f), mine, nam_shape))
+        blocks.append(MaskBlock(k, start, r, f, root, build, storage.fingerprint(stage_fp, start, r, f), mine, nam_shape))
     return blocks
-
-
-def committed(block: MaskBlock) -> bool:
-    uri = block_marker(block.out, block.index)
-    return storage.exists(uri) and storage.read_json(uri).get("fingerprint") == block.fingerprint
 
 
 @dataclass
@@ -217,7 +213,7 @@ class MaskRunner:
             for k, (_, i) in enumerate(pairs):
                 out_masks[i] = up_u8[k]
                 lows[i] = low_np[k]
-        arr = open_array(block.out, mode="r+")
+        arr = open_array(block.build, mode="r+")
         arr[block.start : block.start + len(block.relpaths)] = out_masks
         h, w = lows[0].shape
         flat = np.stack(lows).reshape(len(lows), h * w).astype(np.float32)
@@ -225,17 +221,13 @@ class MaskRunner:
             "row": pa.array(np.arange(block.start, block.start + len(lows)), pa.int64()),
             "nam": pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel(), pa.float32()), h * w),
         })
-        storage.write_parquet(block_nams(block.out, block.index), table, block.fingerprint)
+        storage.write_parquet(block_nams(block.build, block.index), table, block.fingerprint)
         summary = {
             "block": block.index, "masks": len(lows), "images": len(order), "inferred_masks": len(lows) - len(block.cached),
             "nam_h": h, "nam_w": w, "fingerprint": block.fingerprint,
         }
-        storage.write_json(block_marker(block.out, block.index), summary)
+        storage.write_json(block_marker(block.build, block.index), summary)
         return summary
-
-
-def stage_fingerprint(weights_sha256: str, model: ModelConfig, preprocess: PreprocessConfig, cfg: GeneralizeConfig) -> str:
-    return storage.fingerprint(CODE_VERSION, weights_sha256, model.arch, preprocess.resize, preprocess.crop, cfg.masks_per_shard)
 
 
 def index_fingerprint(stage_fp: str, rows: pa.Table) -> str:
@@ -244,38 +236,38 @@ def index_fingerprint(stage_fp: str, rows: pa.Table) -> str:
 
 
 def prepare(
-    out: str, root: str, rows: pa.Table, crop: int, cfg: GeneralizeConfig, stage_fp: str,
+    build: str, root: str, rows: pa.Table, crop: int, cfg: GeneralizeConfig, stage_fp: str,
     cached: dict[int, list[float]] | None = None, nam_shape: tuple[int, int] | None = None,
-) -> tuple[list[MaskBlock], int, str]:
-    """Create (or keep) the mask array for ``rows``; returns the blocks still to compute, the number
-    of blocks, and the index fingerprint. ``cached``: known NAMs by row (see :func:`cached_nams`)."""
+) -> list[MaskBlock]:
+    """Create (or keep) the mask array for ``rows`` in the build directory ``build``; returns its
+    blocks. ``root`` is the dataset root; ``cached``: known NAMs by row (see :func:`cached_nams`)."""
     n = rows.num_rows
     store_fp = storage.fingerprint(stage_fp, rows.column("relpath").to_pylist(), rows.column("feature_index").to_pylist())
-    blocks = plan_blocks(rows, root, out, cfg.masks_per_shard, stage_fp, cached, nam_shape)
+    blocks = plan_blocks(rows, root, build, cfg.masks_per_shard, stage_fp, cached, nam_shape)
     try:
-        arr = open_array(out, mode="r")
+        arr = open_array(build, mode="r")
         keep = arr.attrs.get("salient.fingerprint") == store_fp and arr.shape == (n, crop, crop)
     except (FileNotFoundError, zarr.errors.NodeTypeValidationError, KeyError, ValueError):
         keep = False
     if not keep:
-        storage.remove(storage.join(out, ZARR_PATH), recursive=True)
-        storage.remove(storage.join(out, BLOCKS), recursive=True)
+        storage.remove(storage.join(build, tables.MASKS.path), recursive=True)
+        storage.remove(storage.join(build, tables.MASK_BLOCKS), recursive=True)
         zarr.create_array(
-            store=_store(storage.join(out, ZARR_PATH), read_only=False),
+            store=_store(storage.join(build, tables.MASKS.path), read_only=False),
             shape=(max(n, 0), crop, crop), chunks=(1, crop, crop), shards=(cfg.masks_per_shard, crop, crop),
             dtype="uint8", fill_value=0, compressors=ZstdCodec(level=3), overwrite=True,
             attributes={"salient.fingerprint": store_fp, "salient.schema_version": storage.SCHEMA_VERSION},
         )
-    return [b for b in blocks if not committed(b)], len(blocks), index_fingerprint(stage_fp, rows)
+    return blocks
 
 
-def write_index(out: str, rows: pa.Table, n_blocks: int, index_fp: str) -> None:
+def write_index(build: str, rows: pa.Table, n_blocks: int, index_fp: str) -> None:
     """``masks/index.parquet``: the planned rows with each mask's ``nam`` from the committed blocks."""
-    parts = [storage.read_parquet(block_nams(out, k)) for k in range(n_blocks)]
+    parts = [storage.read_parquet(block_nams(build, k)) for k in range(n_blocks)]
     nams = pa.concat_tables(parts).sort_by("row") if parts else None
     if nams is not None and nams.column("row").to_pylist() != rows.column("row").to_pylist():
-        raise ValueError("mask blocks do not cover the planned rows; rerun `salient generalize CONFIG`")
-    meta = storage.read_json(block_marker(out, 0)) if n_blocks else {"nam_h": 0, "nam_w": 0}
+        raise InputError("mask blocks do not cover the planned rows; rerun `salient generalize CONFIG`")
+    meta = storage.read_json(block_marker(build, 0)) if n_blocks else {"nam_h": 0, "nam_w": 0}
     if nams is not None:
         width = meta["nam_h"] * meta["nam_w"]
         values = np.asarray(nams.column("nam").combine_chunks().flatten(), np.float32).astype(np.float16)
@@ -285,4 +277,4 @@ def write_index(out: str, rows: pa.Table, n_blocks: int, index_fp: str) -> None:
     table = rows.append_column("nam", nam_col)
     table = table.append_column("nam_h", pa.array(np.full(rows.num_rows, meta["nam_h"]), pa.int32()))
     table = table.append_column("nam_w", pa.array(np.full(rows.num_rows, meta["nam_w"]), pa.int32()))
-    storage.write_parquet(storage.join(out, INDEX_TABLE), table, index_fp)
+    storage.write_parquet(storage.join(build, tables.MASK_INDEX.path), table, index_fp)

@@ -7,6 +7,7 @@ import io
 from dataclasses import dataclass
 
 from salient import storage
+from salient.errors import InputError
 
 REQUIRED_COLUMNS = ("class_index", "wordnet_id", "synset")
 
@@ -28,17 +29,17 @@ def read_class_metadata(uri: str) -> list[ClassInfo]:
     try:
         text = storage.read_bytes(uri).decode("utf-8-sig")
     except UnicodeDecodeError:
-        raise ValueError("not UTF-8 text") from None
+        raise InputError("not UTF-8 text") from None
     reader = csv.DictReader(io.StringIO(text))
     missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
     if missing:
-        raise ValueError(f"missing columns {', '.join(missing)}; expected at least {', '.join(REQUIRED_COLUMNS)}")
+        raise InputError(f"missing columns {', '.join(missing)}; expected at least {', '.join(REQUIRED_COLUMNS)}")
     classes: list[ClassInfo] = []
     for line, row in enumerate(reader, start=2):
         try:
             index = int(row["class_index"])
         except (TypeError, ValueError):
-            raise ValueError(f"line {line}: class_index {row['class_index']!r} is not an integer") from None
+            raise InputError(f"line {line}: class_index {row['class_index']!r} is not an integer") from None
         classes.append(
             ClassInfo(
                 class_index=index,
@@ -51,5 +52,5 @@ def read_class_metadata(uri: str) -> list[ClassInfo]:
     classes.sort(key=lambda c: c.class_index)
     indices = [c.class_index for c in classes]
     if len(set(indices)) != len(indices):
-        raise ValueError("class_index values are not unique")
+        raise InputError("class_index values are not unique")
     return classes

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock
 
 from salient import storage
+from salient.errors import ConfigError, InputError
 
 # ImageNet statistics, applied inside the wrapper so that masks and noise live in pixel space.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -30,7 +31,7 @@ CheckpointFormat = Literal["robustness", "torchvision", "auto"]
 CHECKPOINT_FORMATS: tuple[str, ...] = ("robustness", "torchvision", "auto")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be used: unreadable, unsafe, or not matching the architecture."""
 
 
@@ -110,13 +111,13 @@ class SalientModel(nn.Module):
     @property
     def feature_dim(self) -> int:
         if not self.supports_discovery:
-            raise ValueError(f"arch {self.arch!r} has no penultimate conv features; use a ResNet-like arch")
+            raise ConfigError([f"arch {self.arch!r} has no penultimate conv features; use a ResNet-like arch"])
         return self.net.fc.in_features
 
     @property
     def fc_weight(self) -> Tensor:
         if not self.supports_discovery:
-            raise ValueError(f"arch {self.arch!r} has no final linear layer over conv features")
+            raise ConfigError([f"arch {self.arch!r} has no final linear layer over conv features; use a ResNet-like arch"])
         return self.net.fc.weight.detach()
 
     def forward(self, x: Tensor) -> ModelOutput:
@@ -168,7 +169,7 @@ def load_for_worker(
         torch.set_num_threads(threads)
     net = load(checkpoint, arch, format)
     if need_discovery and not net.supports_discovery:
-        raise ValueError(f"model.arch = {arch!r} has no last conv stage; this stage needs a ResNet-like CNN")
+        raise ConfigError([f"model.arch = {arch!r} has no last conv stage; this stage needs a ResNet-like CNN"])
     return (prepare_for_inference(net, device) if net.supports_discovery else net.to(device)), device
 
 
@@ -228,12 +229,19 @@ def _not_a_checkpoint(data: bytes) -> str | None:
     return None
 
 
-def read_checkpoint(checkpoint: str) -> Mapping[str, object]:
-    """The checkpoint's top-level object, loaded with ``weights_only=True`` from any fsspec URI."""
+def checkpoint_bytes(checkpoint: str) -> bytes:
+    """The bytes of the checkpoint at ``checkpoint`` (any fsspec URI)."""
     try:
-        data = storage.read_bytes(checkpoint)
+        return storage.read_bytes(checkpoint)
     except FileNotFoundError as exc:
         raise CheckpointError(f"checkpoint {checkpoint!r} does not exist") from exc
+
+
+def read_checkpoint(checkpoint: str, data: bytes | None = None) -> Mapping[str, object]:
+    """The checkpoint's top-level object, loaded with ``weights_only=True`` from any fsspec URI
+    (or from ``data``, its bytes when they were read already)."""
+    if data is None:
+        data = checkpoint_bytes(checkpoint)
     problem = _not_a_checkpoint(data)
     if problem is not None:
         raise CheckpointError(f"checkpoint {checkpoint!r} {problem}")
@@ -352,9 +360,10 @@ def _fit(net: nn.Module, state: Mapping[str, Tensor], arch: str) -> None:
     net.load_state_dict(state, strict=False)
 
 
-def load(checkpoint: str, arch: str = "resnet50", format: CheckpointFormat = "auto") -> SalientModel:
-    """Load a classifier checkpoint (any fsspec URI) as an eval-mode :class:`SalientModel` on the CPU."""
-    state = extract_state_dict(read_checkpoint(checkpoint), format)
+def load(checkpoint: str, arch: str = "resnet50", format: CheckpointFormat = "auto", data: bytes | None = None) -> SalientModel:
+    """Load a classifier checkpoint (any fsspec URI, or ``data``, its bytes when they were read
+    already) as an eval-mode :class:`SalientModel` on the CPU."""
+    state = extract_state_dict(read_checkpoint(checkpoint, data), format)
     net = build_arch(arch, num_classes_of(state))
     _fit(net, state, arch)
     return SalientModel(net, arch)

@@ -1,4 +1,4 @@
-"""Neural activation maps (NAMs) and the heatmaps shown to people (design.md §2).
+"""Neural activation maps (NAMs) and the heatmaps shown to people (docs/design.md §2).
 
 A NAM is channel j of the last conv stage (7x7 at 224 px for a ResNet-50) divided by its own
 maximum (no min subtraction; an all-zero map stays zero), upsampled bilinearly with half-pixel

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from salient import storage
+from salient import storage, tables
 from salient.config import IMAGE_EXTENSIONS
+from salient.errors import InputError
 
-PLAN_TABLE = "plan.parquet"
+PLAN_TABLE = tables.PLAN.path  # kept for callers outside salient/
 
 PLAN_SCHEMA = pa.schema(
     [
@@ -83,7 +84,7 @@ def list_images(root: str, threads: int = 32) -> Listing:
     fs, path = storage.url_to_fs(root)
     fs.invalidate_cache()
     if not fs.isdir(path):
-        raise ValueError(f"dataset root {root!r} does not exist or is not a directory")
+        raise InputError(f"dataset root {root!r} does not exist or is not a directory")
     entries = fs.ls(path, detail=True)
     folders = sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory")
     skipped = [
@@ -92,7 +93,7 @@ def list_images(root: str, threads: int = 32) -> Listing:
         if e["type"] != "directory"
     ]
     if not folders:
-        raise ValueError(f"dataset root {root!r} has no class folders; expected <root>/<wnid>/<image>")
+        raise InputError(f"dataset root {root!r} has no class folders; expected <root>/<wnid>/<image>")
     for wnid in folders:
         try:
             storage.safe_relpath(wnid)
@@ -165,12 +166,13 @@ def shards_of(plan: pa.Table) -> list[Shard]:
     return [out[k] for k in sorted(out)]
 
 
-def plan_uri(out: str) -> str:
-    return storage.join(out, PLAN_TABLE)
+def plan_uri(build: str) -> str:
+    return storage.join(build, tables.PLAN.path)
 
 
-def write_plan(root: str, out: str, shard_size: int) -> dict:
-    """List the dataset, cut shards and write ``plan.parquet``; returns a small summary.
+def write_plan(root: str, build: str, shard_size: int) -> dict:
+    """List the dataset at ``root``, cut shards and write ``plan.parquet`` into the build directory
+    ``build``; returns a small summary.
 
     The table's metadata keeps the class folders in label order (``salient.classes``, JSON) and
     the skipped entries (``salient.skipped``, JSON: their number and the first
@@ -179,18 +181,18 @@ def write_plan(root: str, out: str, shard_size: int) -> dict:
     listing = list_images(root)
     table = cut_shards(listing, shard_size)
     if table.num_rows == 0:
-        raise ValueError(f"dataset.root = {root!r}: no images (.jpeg .jpg .png) in any class folder")
+        raise InputError(f"dataset.root = {root!r}: no images (.jpeg .jpg .png) in any class folder")
     fp = storage.fingerprint(table.column("relpath").to_pylist(), table.column("bytes").to_pylist(), table.column("version").to_pylist(), shard_size)
     skipped = {
         "count": len(listing.skipped),
         "entries": [{"relpath": r, "reason": why} for r, why in listing.skipped[:MAX_SKIPPED_LISTED]],
     }
     storage.write_parquet(
-        plan_uri(out), table, fp,
+        plan_uri(build), table, fp,
         {"root": root, "shard_size": shard_size, "classes": json.dumps(listing.classes), "skipped": json.dumps(skipped)},
     )
     return {
-        "uri": plan_uri(out),
+        "uri": plan_uri(build),
         "images": table.num_rows,
         "classes": len(listing.classes),
         "shards": int(table.column("shard").to_numpy().max()) + 1,
@@ -200,19 +202,19 @@ def write_plan(root: str, out: str, shard_size: int) -> dict:
     }
 
 
-def read_plan(out: str, columns: list[str] | None = None) -> pa.Table:
-    """The plan written by :func:`write_plan` under ``out``."""
-    uri = plan_uri(out)
+def read_plan(build: str, columns: list[str] | None = None) -> pa.Table:
+    """The plan written by :func:`write_plan` into the build directory ``build``."""
+    uri = plan_uri(build)
     if not storage.exists(uri):
-        raise ValueError(f"no plan at {uri}; run the activation stage first (salient activations CONFIG)")
+        raise InputError(f"no plan at {uri}; run the activation stage first (salient activations CONFIG)")
     return storage.read_parquet(uri, columns=columns)
 
 
-def plan_classes(out: str) -> list[str]:
+def plan_classes(build: str) -> list[str]:
     """The class folder names (wnids) of the plan, in label order."""
-    return json.loads(storage.parquet_metadata(plan_uri(out))["classes"])
+    return json.loads(storage.parquet_metadata(plan_uri(build))["classes"])
 
 
-def plan_skipped(out: str) -> dict:
-    """What the plan under ``out`` did not take: ``{"count": n, "entries": [{relpath, reason}, ...]}``."""
-    return json.loads(storage.parquet_metadata(plan_uri(out)).get("skipped", '{"count": 0, "entries": []}'))
+def plan_skipped(build: str) -> dict:
+    """What the plan of the build ``build`` did not take: ``{"count": n, "entries": [{relpath, reason}, ...]}``."""
+    return json.loads(storage.parquet_metadata(plan_uri(build)).get("skipped", '{"count": 0, "entries": []}'))

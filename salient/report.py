@@ -12,10 +12,9 @@ from collections import defaultdict
 
 import numpy as np
 
-from salient import aggregate, activations, discover, evaluate, ingest, masks, storage
+from salient import activations, discover, storage, tables
 from salient.plan import plan_uri
 
-DIRNAME = "report"
 MASKS_PER_PAIR = 5
 
 _CSS = """
@@ -36,9 +35,9 @@ def fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def _copy(out: str, src_rel: str, dest_rel: str) -> str:
-    """Copy ``out/src_rel`` to ``out/report/dest_rel``; returns the path relative to the report."""
-    storage.write_bytes_atomic(storage.join(out, DIRNAME, dest_rel), storage.read_bytes(storage.join(out, src_rel)))
+def _copy(build: str, src_rel: str, dest_rel: str) -> str:
+    """Copy ``build/src_rel`` to ``build/report/dest_rel``; returns the path relative to the report."""
+    storage.write_bytes_atomic(storage.join(build, tables.report_file(dest_rel)), storage.read_bytes(storage.join(build, src_rel)))
     return dest_rel
 
 
@@ -47,49 +46,50 @@ def _mask_strip(store, rows: list[int]) -> bytes:
     return discover.png_strip(tiles)
 
 
-def _read(out: str, table: str) -> list[dict] | None:
-    uri = storage.join(out, table)
+def _read(build: str, table: tables.Table) -> list[dict] | None:
+    uri = storage.join(build, table.path)
     return storage.read_parquet(uri).to_pylist() if storage.exists(uri) else None
 
 
-def build_facts(out: str) -> list[tuple[str, str]]:
-    """(name, value) rows about the build: images, failures, throughput, pairs, labels, masks."""
+def build_facts(build: str) -> list[tuple[str, str]]:
+    """(name, value) rows about the build directory ``build``: images, failures, throughput, pairs,
+    labels, masks."""
     facts: list[tuple[str, str]] = []
-    if storage.exists(plan_uri(out)):
-        stats = activations.all_stats(out)
+    if storage.exists(plan_uri(build)):
+        stats = activations.all_stats(build)
         if stats:
-            s = activations.summarize(stats, out)
+            s = activations.summarize(stats, build)
             facts += [
                 ("images planned", f"{s['planned']:,}"), ("images with activations", f"{s['images']:,}"),
                 ("images that failed", f"{s['failed']:,}" + (f" (listed in {', '.join(s['failure_lists'])})" if s["failed"] else "")),
                 ("activation shards", str(s["shards"])),
                 ("activation throughput", f"{s['images_per_worker_second'] or 0:.1f} images per worker-second"),
             ]
-    classes = _read(out, aggregate.CLASSES_TABLE)
-    pairs = _read(out, aggregate.PAIRS_TABLE)
+    classes = _read(build, tables.CLASSES)
+    pairs = _read(build, tables.PAIRS)
     if classes is not None and pairs is not None:
         facts += [("classes", str(len(classes))), ("(class, feature) pairs", str(len(pairs))),
                   ("classes without images", str(sum(1 for c in classes if c["reason"])))]
-    labels = _read(out, ingest.LABELS_TABLE)
+    labels = _read(build, tables.LABELS)
     if labels is not None:
         counts = defaultdict(int)
         for r in labels:
             counts[r["label"]] += 1
         facts.append(("labels", ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))))
-    index = _read(out, masks.INDEX_TABLE)
+    index = _read(build, tables.MASK_INDEX)
     if index is not None:
         facts.append(("masks", f"{len(index):,} of {len({r['image_id'] for r in index}):,} images"))
     return facts
 
 
-def write_report(out: str, title: str = "Salient build report") -> str:
-    """Write ``report/index.html`` and its pictures under ``out``; returns the page's URI."""
+def write_report(build: str, title: str = "Salient build report") -> str:
+    """Write ``report/index.html`` and its pictures into the build directory ``build``; returns the page's URI."""
     from salient.dataset import SalientMasks
 
-    pairs = _read(out, aggregate.PAIRS_TABLE) or []
-    classes = {c["class_index"]: c for c in _read(out, aggregate.CLASSES_TABLE) or []}
-    labels = {(r["class_index"], r["feature_index"]): r for r in _read(out, ingest.LABELS_TABLE) or []}
-    store = SalientMasks(out) if storage.exists(storage.join(out, masks.INDEX_TABLE)) else None
+    pairs = _read(build, tables.PAIRS) or []
+    classes = {c["class_index"]: c for c in _read(build, tables.CLASSES) or []}
+    labels = {(r["class_index"], r["feature_index"]): r for r in _read(build, tables.LABELS) or []}
+    store = SalientMasks(build) if storage.exists(storage.join(build, tables.MASK_INDEX.path)) else None
     mask_rows: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
     if store is not None:
         cols = store.index.select(["class_index", "feature_index", "rank"]).to_pydict()
@@ -97,10 +97,10 @@ def write_report(out: str, title: str = "Salient build report") -> str:
             mask_rows[(c, j)].append((rank, i))
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)}</title><style>{_CSS}</style></head><body>",
              f"<h1>{_e(title)}</h1><h2>Build facts</h2><table class='facts'>"]
-    parts += [f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in build_facts(out)]
+    parts += [f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in build_facts(build)]
     parts.append("</table>")
 
-    summary = _read(out, evaluate.SUMMARY_TABLE)
+    summary = _read(build, tables.EVAL_SUMMARY)
     if summary:
         parts.append("<h2>Evaluation</h2><p>Core accuracy: noise on the spurious masks; spurious accuracy: noise on the core masks. Means over classes.</p>")
         parts.append("<table><tr><th>model</th><th>sigma</th><th>clean</th><th>core acc</th><th>spurious acc</th><th>core drop</th><th>spurious drop</th></tr>")
@@ -111,9 +111,9 @@ def write_report(out: str, title: str = "Salient build report") -> str:
             )
         parts.append("</table>")
         for name in sorted({r["model"] for r in summary}):
-            chart = f"{evaluate.DIRNAME}/{storage.safe_relpath(name)}.png"
-            if storage.exists(storage.join(out, chart)):
-                rel = _copy(out, chart, f"evaluation/{storage.safe_relpath(name)}.png")
+            chart = tables.evaluation_chart(name)
+            if storage.exists(storage.join(build, chart)):
+                rel = _copy(build, chart, chart)  # at the same path under report/
                 parts.append(f"<img class='strip' src='{_e(rel)}' alt='{_e(name)} accuracy chart'>")
 
     parts.append("<h2>Classes and their features</h2>")
@@ -135,18 +135,18 @@ def write_report(out: str, title: str = "Salient build report") -> str:
                 f"<span class='{_e(label)}'>{_e(label)}{_e(kind)}</span></p>"
             )
             for strip in discover.STRIPS:
-                src = f"{discover.DIRNAME}/{p['wnid']}/feature_{j}/{strip}.png"
-                if storage.exists(storage.join(out, src)):
-                    rel = _copy(out, src, f"pairs/{p['wnid']}/feature_{j}/{strip}.png")
+                src = f"{tables.discover_pair(p['wnid'], j)}/{strip}.png"
+                if storage.exists(storage.join(build, src)):
+                    rel = _copy(build, src, f"pairs/{p['wnid']}/feature_{j}/{strip}.png")
                     parts.append(f"<img class='strip' src='{_e(rel)}' alt='{_e(strip)} of feature {j}'>")
             rows = [i for _, i in sorted(mask_rows.get((c, j), []))[:MASKS_PER_PAIR]]
             if rows:
                 rel = f"pairs/{p['wnid']}/feature_{j}/masks.png"
-                storage.write_bytes_atomic(storage.join(out, DIRNAME, rel), _mask_strip(store, rows))
+                storage.write_bytes_atomic(storage.join(build, tables.report_file(rel)), _mask_strip(store, rows))
                 parts.append(f"<img class='strip' src='{_e(rel)}' alt='masks of feature {j}'>")
             parts.append("</div>")
     parts.append("</body></html>")
-    uri = storage.join(out, DIRNAME, "index.html")
+    uri = storage.join(build, tables.REPORT.path)
     storage.write_bytes_atomic(uri, "\n".join(parts).encode("utf-8"))
     return uri
 

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from salient.config import ComputeConfig
+from salient.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -25,17 +26,17 @@ def plan_workers(compute: ComputeConfig, cluster_cpus: float, cluster_gpus: floa
 
     With GPUs: one worker per GPU (``gpus_per_worker`` 1) and the CPUs shared among them. Without:
     one worker that uses every core, which is the fastest layout for a single CPU box (intra-op
-    threads scale better than separate model copies). Raises ``ValueError`` when the request
+    threads scale better than separate model copies). Raises ``ConfigError`` when the request
     cannot fit the cluster, instead of waiting forever for resources.
     """
     gpus = compute.gpus_per_worker
     if gpus is None:
         gpus = 1.0 if cluster_gpus >= 1 else 0.0
     if gpus > 0 and cluster_gpus < gpus:
-        raise ValueError(
+        raise ConfigError([
             f"compute.gpus_per_worker = {gpus}: the Ray cluster has {cluster_gpus:g} GPUs; "
             "set compute.gpus_per_worker=0 to run on CPUs"
-        )
+        ])
     workers = compute.workers
     if workers is None:
         workers = max(1, math.floor(cluster_gpus / gpus)) if gpus > 0 else 1
@@ -43,13 +44,13 @@ def plan_workers(compute: ComputeConfig, cluster_cpus: float, cluster_gpus: floa
     if cpus is None:
         cpus = max(1.0, math.floor(cluster_cpus / workers))
     if gpus > 0 and workers * gpus > cluster_gpus + 1e-9:
-        raise ValueError(
+        raise ConfigError([
             f"compute.workers = {workers} x gpus_per_worker = {gpus} needs {workers * gpus:g} GPUs; "
             f"the Ray cluster has {cluster_gpus:g}"
-        )
+        ])
     if workers * cpus > cluster_cpus + 1e-9:
-        raise ValueError(
+        raise ConfigError([
             f"compute.workers = {workers} x cpus_per_worker = {cpus:g} needs {workers * cpus:g} CPUs; "
             f"the Ray cluster has {cluster_cpus:g}; lower one of them"
-        )
+        ])
     return WorkerResources(workers, float(gpus), float(cpus))

@@ -16,10 +16,10 @@ import io
 import numpy as np
 import torch
 
-from salient import groundtruth, nam, storage
-from salient.aggregate import PAIRS_TABLE
+from salient import groundtruth, nam, storage, tables
 from salient.config import AnnotationsConfig, PreprocessConfig
 from salient.discover import pair_dir
+from salient.errors import InputError
 from salient.ingest import ANSWER_COLUMNS, ANSWERS, INCOMING
 
 SIMULATED_FILE = "simulated.csv"
@@ -49,16 +49,18 @@ def true_answer(shares: dict[str, float], cue_kind: str) -> tuple[str, float]:
 
 
 def simulate(
-    out: str, root: str, groundtruth_uri: str, split: str, preprocess: PreprocessConfig, cfg: AnnotationsConfig,
+    build: str, root: str, groundtruth_uri: str, split: str, preprocess: PreprocessConfig, cfg: AnnotationsConfig,
     answers_root: str | None = None,
 ) -> dict:
-    """Answer every discovered pair with ``cfg.simulated_workers`` workers; returns a summary."""
-    pairs = storage.read_parquet(storage.join(out, PAIRS_TABLE)).to_pylist()
+    """Answer every pair discovered in the build directory ``build`` with ``cfg.simulated_workers``
+    workers, into ``annotations/incoming/`` of the output root ``answers_root`` (default ``build``);
+    ``root`` is the dataset root. Returns a summary."""
+    pairs = storage.read_parquet(storage.join(build, tables.PAIRS.path)).to_pylist()
     records = []
     for p in pairs:
-        uri = storage.join(pair_dir(out, p["wnid"], p["feature_index"]), "assets.json")
+        uri = storage.join(pair_dir(build, p["wnid"], p["feature_index"]), tables.ASSETS)
         if not storage.exists(uri):
-            raise ValueError(f"pair ({p['class_index']}, {p['feature_index']}) has no discovery assets; run `salient discover CONFIG` first")
+            raise InputError(f"pair ({p['class_index']}, {p['feature_index']}) has no discovery assets; run `salient discover CONFIG` first")
         record = storage.read_json(uri)
         if record.get("nams"):
             records.append(record)
@@ -79,17 +81,16 @@ def simulate(
             reason = f"the red region is mostly on {region}" + ("" if noisy else f" ({share:.0%} of the heat)")
             writer.writerow([f"sim-{w:02d}", rec["wnid"], rec["class_index"], rec["feature_index"], rec["feature_rank"], answer, f"{confidence:.1f}", reason])
             answers += 1
-    uri = storage.join(answers_root or out, INCOMING, SIMULATED_FILE)
+    uri = storage.join(answers_root or build, INCOMING, SIMULATED_FILE)
     storage.write_bytes_atomic(uri, buf.getvalue().encode("utf-8"))
     return {"uri": uri, "pairs": len(records), "answers": answers, "workers": cfg.simulated_workers}
 
 
-def generalization_check(out: str, groundtruth_uri: str, split: str, crop: int, n: int = 5) -> list[dict]:
+def generalization_check(build: str, groundtruth_uri: str, split: str, crop: int, n: int = 5) -> list[dict]:
     """Per pair with masks: the answer a careful worker gives on ranks 1..n and on the last n ranks
-    kept (the paper's Section 3.4 check, with the world's truth instead of people)."""
-    from salient.masks import INDEX_TABLE
-
-    index = storage.read_parquet(storage.join(out, INDEX_TABLE)).sort_by(
+    kept (the paper's Section 3.4 check, with the world's truth instead of people), from the masks
+    of the build directory ``build``."""
+    index = storage.read_parquet(storage.join(build, tables.MASK_INDEX.path)).sort_by(
         [("class_index", "ascending"), ("feature_index", "ascending"), ("rank", "ascending")]
     )
     pairs: dict[tuple[int, int], list[dict]] = {}

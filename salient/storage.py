@@ -29,6 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from salient.errors import InputError
+
 SCHEMA_VERSION = "1"
 SCHEMA_KEY = b"salient.schema_version"
 FINGERPRINT_KEY = b"salient.fingerprint"
@@ -97,7 +99,7 @@ def retrying(op: Callable[[], T], what: str) -> T:
             attempt += 1
 
 
-class UnsafePathError(ValueError):
+class UnsafePathError(InputError):
     """A relative path taken from an input that would leave its root."""
 
 

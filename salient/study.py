@@ -1,4 +1,4 @@
-"""The generalisation study, for people (design.md §2 "Generalisation").
+"""The generalisation study, for people (docs/design.md §2 "Generalisation").
 
 A pair's label, given on its top-5 images, is applied to its top-K images without more human work.
 The paper checked this by showing workers, per pair, the top-5 images and heatmaps (side A) against
@@ -28,20 +28,18 @@ import io
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from salient import images, ingest, nam, storage
+from salient import answers, images, nam, storage, tables
 from salient.discover import csv_safe, png_strip
-from salient.masks import INDEX_TABLE
+from salient.errors import InputError
 from salient.metadata import ClassInfo
 
 CODE_VERSION = "study-1"
-DIRNAME = "study"
-TASKS_CSV = "study/tasks.csv"
 STRIPS = ("a_images", "a_heatmaps", "b_images", "b_heatmaps")
 TASK_COLUMNS = (
     "class_index", "wnid", "class_name", "definition", "supercategory", "feature_index", "feature_rank", "label",
@@ -58,9 +56,10 @@ ANSWER_COLUMNS = (
 )
 
 STUDY_INCOMING = "annotations/study_incoming"
-GENERALIZATION_TABLE = "annotations/generalization.parquet"
-GENERALIZATION_ANSWERS_TABLE = "annotations/generalization_answers.parquet"
-GENERALIZATION_REJECTED_TABLE = "annotations/generalization_rejected.parquet"
+# The tables the study writes, in salient.tables; these names stay for callers outside salient/.
+GENERALIZATION_TABLE = tables.GENERALIZATION.path
+GENERALIZATION_ANSWERS_TABLE = tables.GENERALIZATION_ANSWERS.path
+GENERALIZATION_REJECTED_TABLE = tables.GENERALIZATION_REJECTED.path
 
 GENERALIZATION_SCHEMA = pa.schema([
     ("class_index", pa.int32()),
@@ -74,12 +73,12 @@ GENERALIZATION_SCHEMA = pa.schema([
     ("agreement", pa.float64()),
     ("mean_confidence", pa.float64()),
 ])
-ANSWERS_SCHEMA = ingest.ANSWERS_SCHEMA.remove(ingest.ANSWERS_SCHEMA.get_field_index("feature_rank"))
+ANSWERS_SCHEMA = answers.ANSWERS_SCHEMA.remove(answers.ANSWERS_SCHEMA.get_field_index("feature_rank"))
 
 
-def study_dir(out: str, wnid: str, feature: int) -> str:
-    """The folder of one pair's study assets."""
-    return storage.join(out, DIRNAME, storage.safe_relpath(wnid), f"feature_{feature}")
+def study_dir(build: str, wnid: str, feature: int) -> str:
+    """The folder of one pair's study assets in the build directory ``build``."""
+    return storage.join(build, tables.study_pair(wnid, feature))
 
 
 def sides(n: int, images_per_side: int) -> tuple[int, int]:
@@ -94,14 +93,14 @@ def sides(n: int, images_per_side: int) -> tuple[int, int]:
     return a, min(images_per_side, n - a)
 
 
-def _read_index(out: str) -> pa.Table:
-    uri = storage.join(out, INDEX_TABLE)
+def _read_index(build: str) -> pa.Table:
+    uri = storage.join(build, tables.MASK_INDEX.path)
     if not storage.exists(uri):
-        raise ValueError(f"no mask index at {uri}; run `salient generalize CONFIG` first")
+        raise InputError(f"no mask index at {uri}; run `salient generalize CONFIG` first")
     table = storage.read_parquet(uri)
     missing = [c for c in INDEX_COLUMNS if c not in table.column_names]
     if missing:
-        raise ValueError(f"{uri} lacks the columns {', '.join(missing)}; rerun `salient generalize CONFIG`")
+        raise InputError(f"{uri} lacks the columns {', '.join(missing)}; rerun `salient generalize CONFIG`")
     return table.select(list(INDEX_COLUMNS))
 
 
@@ -116,8 +115,8 @@ def _pairs(table: pa.Table) -> list[np.ndarray]:
     repeated = np.flatnonzero(~new_pair & (rank[1:] == rank[:-1]))
     if repeated.size:
         i = repeated[0]
-        raise ValueError(
-            f"masks/index.parquet has rank {rank[i]} twice for class {cls[i]} feature {feat[i]}; "
+        raise InputError(
+            f"{tables.MASK_INDEX.path} has rank {rank[i]} twice for class {cls[i]} feature {feat[i]}; "
             "rerun `salient generalize CONFIG`"
         )
     return np.split(order, np.flatnonzero(new_pair) + 1) if order.size else []
@@ -129,7 +128,7 @@ def _image(root: str, relpath: str, resize: int, crop: int, cache: dict[str, np.
         try:
             pixels = images.load_image(storage.read_bytes(uri), resize, crop)
         except images.DECODE_ERRORS as exc:
-            raise ValueError(f"cannot read image {uri} ({images.describe_error(exc)}); check the dataset root") from exc
+            raise InputError(f"cannot read image {uri} ({images.describe_error(exc)}); check the dataset root") from exc
         cache[relpath] = pixels.permute(1, 2, 0).numpy()
     return cache[relpath]
 
@@ -143,7 +142,7 @@ def _side_tiles(rows: Sequence[dict], maps: np.ndarray, root: str, resize: int, 
 
 
 def export_study(
-    out: str,
+    build: str,
     root: str,
     resize: int,
     crop: int,
@@ -151,23 +150,24 @@ def export_study(
     metadata: Sequence[ClassInfo] | None = None,
     base_url: str | None = None,
 ) -> dict:
-    """Write the study's assets for every pair of ``<out>/masks/index.parquet`` and ``study/tasks.csv``.
+    """Write the study's assets for every pair of ``<build>/masks/index.parquet`` and ``study/tasks.csv``
+    into the build directory ``build``.
 
     ``root`` is the image dataset the index's relpaths point into, ``resize``/``crop`` its
     preprocessing. Task URLs are relative to ``study/``, or prefixed by ``base_url``. Returns
     ``{pairs, skipped, made, tasks}``: pairs exported, pairs skipped for having fewer than 2 images,
     pairs whose strips were (re)made by this call, and the URI of ``tasks.csv``.
     """
-    if not out:
-        raise ValueError("out is empty; give the output root (a path or URI)")
+    if not build:
+        raise ValueError("build is empty; give the build directory (a path or URI)")
     if resize < 1 or crop < 1:
         raise ValueError(f"resize = {resize}, crop = {crop}: both must be positive (preprocess.resize, preprocess.crop)")
     if images_per_side < 1:
         raise ValueError(f"images_per_side = {images_per_side}: must be at least 1")
-    table = _read_index(out)
+    table = _read_index(build)
     h_w = {(h, w) for h, w in zip(table.column("nam_h").to_pylist(), table.column("nam_w").to_pylist())}
     if len(h_w) > 1:
-        raise ValueError(f"masks/index.parquet mixes NAM sizes {sorted(h_w)}; rerun `salient generalize CONFIG`")
+        raise InputError(f"{tables.MASK_INDEX.path} mixes NAM sizes {sorted(h_w)}; rerun `salient generalize CONFIG`")
     h, w = h_w.pop() if h_w else (0, 0)
     by_wnid = {c.wnid: c for c in metadata or []}
     prefix = (base_url.rstrip("/") + "/") if base_url else ""
@@ -190,13 +190,13 @@ def export_study(
         c, j, wnid = first["class_index"], first["feature_index"], first["wnid"]
         if cached_class != c:  # pairs come class by class; a class's pairs share many images
             cache, cached_class = {}, c
-        folder = study_dir(out, wnid, j)
+        folder = study_dir(build, wnid, j)
         files = {s: f"{wnid}/feature_{j}/{s}.png" for s in STRIPS}
         fp = storage.fingerprint(
             CODE_VERSION, source, resize, crop, [(r["rank"], r["image_id"], r["relpath"]) for r in rows], a,
             hashlib.sha256(maps.tobytes()).hexdigest(),
         )
-        record_uri = storage.join(folder, "assets.json")
+        record_uri = storage.join(folder, tables.ASSETS)
         if not (storage.exists(record_uri) and storage.read_json(record_uri).get("fingerprint") == fp):
             strips = dict(zip(STRIPS, (
                 *_side_tiles(rows[:a], maps[:a], source, resize, crop, cache),
@@ -219,35 +219,33 @@ def export_study(
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(TASK_COLUMNS)
     writer.writerows([csv_safe(v) for v in t] for t in tasks)
-    uri = storage.join(out, TASKS_CSV)
+    uri = storage.join(build, tables.STUDY_TASKS.path)
     storage.write_bytes_atomic(uri, buf.getvalue().encode("utf-8"))
     return {"pairs": len(tasks), "skipped": skipped, "made": made, "tasks": uri}
 
 
-def study_answer_files(out: str, extra: Sequence[str] = ()) -> list[str]:
+def study_answer_files(root: str, extra: Sequence[str] = ()) -> list[str]:
     """The study's answer files: ``extra`` in the given order, then every ``*.csv`` directly under
-    ``<out>/annotations/study_incoming/`` by name; a file named twice is kept once, at its first place."""
-    return ingest.answer_files(out, extra, STUDY_INCOMING)
+    ``<root>/annotations/study_incoming/`` (``root`` is the output root) by name; a file named twice
+    is kept once, at its first place."""
+    return answers.answer_files(root, extra, STUDY_INCOMING)
 
 
-def _validate(
-    cells: dict[str, str],
-    file: str,
-    line: int,
-    classes: Mapping[int, str] | None,
-    wnid_of: dict[int, tuple[str, str, int]],
-    first_answer: dict[tuple[str, int, int], tuple[str, int]],
-) -> ingest._Answer:
-    answer = cells.get("Answer.main", "")
-    if answer not in STUDY_ANSWERS:
-        raise ingest._Rejected("unknown_answer", f"Answer.main {answer!r} is not one of {', '.join(STUDY_ANSWERS)}")
-    # Everything but the answer is checked as in discovery: hand it an answer it accepts.
-    cells = {k: v for k, v in cells.items() if k != "Input.feature_rank"} | {"Answer.main": ingest.ANSWERS[0]}
-    checked = ingest._validate(cells, file, line, classes, wnid_of, first_answer)
-    return dataclasses.replace(checked, answer=answer)
+class _StudyLedger(answers.Ledger):
+    """The study's answers: one of :data:`STUDY_ANSWERS`, no feature rank; the rest as in discovery."""
+
+    columns: ClassVar[Sequence[str]] = ANSWER_COLUMNS
+
+    def validate(self, cells: Mapping[str, str], file: str, line: int) -> answers.Answer:
+        answer = cells.get("Answer.main", "")
+        if answer not in STUDY_ANSWERS:
+            raise answers.Rejected("unknown_answer", f"Answer.main {answer!r} is not one of {', '.join(STUDY_ANSWERS)}")
+        # Everything but the answer is checked as in discovery: hand it an answer it accepts.
+        cells = {k: v for k, v in cells.items() if k != "Input.feature_rank"} | {"Answer.main": answers.ANSWERS[0]}
+        return dataclasses.replace(super().validate(cells, file, line), answer=answer)
 
 
-def _pair_rows(accepted: Sequence[ingest._Answer], wnids: Mapping[int, str]) -> list[dict[str, Any]]:
+def _pair_rows(accepted: Sequence[answers.Answer], wnids: Mapping[int, str]) -> list[dict[str, Any]]:
     votes: dict[tuple[int, int], Counter[str]] = {}
     confidences: dict[tuple[int, int], list[float]] = {}
     for a in accepted:
@@ -270,53 +268,42 @@ def _pair_rows(accepted: Sequence[ingest._Answer], wnids: Mapping[int, str]) -> 
 
 
 def ingest_study(
-    out: str, answer_uris: Sequence[str], classes: Mapping[int, str] | None = None, answers_root: str | None = None
+    build: str, answer_uris: Sequence[str], classes: Mapping[int, str] | None = None, answers_root: str | None = None
 ) -> dict:
     """Validate the study's answers and write ``generalization.parquet`` (per pair: votes, agreement =
     same / (same + different), mean confidence), ``generalization_answers.parquet`` and
-    ``generalization_rejected.parquet`` under ``<out>/annotations/``; returns a summary.
+    ``generalization_rejected.parquet`` under ``<build>/annotations/`` (``build`` is the build
+    directory); returns a summary.
 
     ``classes`` maps class_index to wnid (None: no class check). Rows are checked as in the
     discovery ingest; a worker's second answer to a pair is rejected, the first counts. The
     summary's ``overall_agreement`` is total same / (total same + total different), None without either.
     ``answers_root`` is the output root whose ``annotations/study_incoming/`` holds dropped answer
-    files (default ``out``).
+    files (default ``build``).
     """
-    ingest.check_inputs(answers_root or out, answer_uris, classes, STUDY_INCOMING, "pass study answer files (--answers FILE), or put CSV files")
+    answers.check_inputs(answers_root or build, answer_uris, classes, STUDY_INCOMING, "pass study answer files (--answers FILE), or put CSV files")
 
-    ledger = ingest._Ledger()
-    wnid_of: dict[int, tuple[str, str, int]] = {}
-    first_answer: dict[tuple[str, int, int], tuple[str, int]] = {}
-    digests = []
+    ledger = _StudyLedger(classes)
     for uri in answer_uris:
-        data = storage.read_bytes(uri)
-        digests.append((uri, hashlib.sha256(data).hexdigest()))
-        ingest.read_answer_file(uri, data, ledger, classes, wnid_of, first_answer, _validate, ANSWER_COLUMNS)
-    wnids = classes if classes is not None else {c: w for c, (w, _, _) in wnid_of.items()}
-    pairs = _pair_rows(ledger.accepted, wnids)
+        ledger.read(uri)
+    pairs = _pair_rows(ledger.accepted, ledger.wnids)
     same = sum(p["votes_same"] for p in pairs)
     decided = same + sum(p["votes_different"] for p in pairs)
     overall = same / decided if decided else None
 
-    fp = storage.fingerprint(CODE_VERSION, digests, None if classes is None else sorted(classes.items()))
+    fp = storage.fingerprint(CODE_VERSION, ledger.digests, None if classes is None else sorted(classes.items()))
     meta = {"code_version": CODE_VERSION, "overall_agreement": "" if overall is None else repr(overall)}
     storage.write_parquet(
-        storage.join(out, GENERALIZATION_TABLE), pa.Table.from_pylist(pairs, schema=GENERALIZATION_SCHEMA), fp, meta
+        storage.join(build, tables.GENERALIZATION.path), pa.Table.from_pylist(pairs, schema=GENERALIZATION_SCHEMA), fp, meta
     )
-    storage.write_parquet(
-        storage.join(out, GENERALIZATION_ANSWERS_TABLE),
-        pa.Table.from_pylist([dataclasses.asdict(a) for a in ledger.accepted], schema=ANSWERS_SCHEMA), fp, meta,
-    )
-    storage.write_parquet(
-        storage.join(out, GENERALIZATION_REJECTED_TABLE),
-        pa.Table.from_pylist(ledger.rejected, schema=ingest.REJECTED_SCHEMA), fp, meta,
-    )
+    storage.write_parquet(storage.join(build, tables.GENERALIZATION_ANSWERS.path), ledger.accepted_table(ANSWERS_SCHEMA), fp, meta)
+    storage.write_parquet(storage.join(build, tables.GENERALIZATION_REJECTED.path), ledger.rejected_table(), fp, meta)
     return {
         "files": len(answer_uris),
         "rows": ledger.rows,
         "answers": len(ledger.accepted),
         "rejected": len(ledger.rejected),
-        "rejected_by_reason": dict(sorted(Counter(r["reason_kind"] for r in ledger.rejected).items())),
+        "rejected_by_reason": ledger.rejected_by_reason(),
         "pairs": len(pairs),
         "votes": {a: sum(x.answer == a for x in ledger.accepted) for a in STUDY_ANSWERS},
         "overall_agreement": overall,

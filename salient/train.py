@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from salient import images, models, plan, storage
+from salient.errors import InputError
 
 DEMO_EPOCHS = 30
 BATCH_SIZE = 32
@@ -25,7 +26,7 @@ def image_folder(root: str) -> list[tuple[str, int]]:
     """``(relpath, label)`` of every image under an ImageFolder ``root`` (any fsspec URI), in ImageFolder order."""
     table = plan.list_images(root).table
     if table.num_rows == 0:
-        raise ValueError(f"image folder {root!r} holds no images in <class>/<file> folders")
+        raise InputError(f"image folder {root!r} holds no images in <class>/<file> folders")
     return list(zip(table.column("relpath").to_pylist(), table.column("label").to_pylist()))
 
 
@@ -34,7 +35,7 @@ def load_images(root: str, items: list[tuple[str, int]]) -> tuple[Tensor, Tensor
     arrays = [np.asarray(images.decode(storage.read_bytes(storage.under(root, rel)))) for rel, _ in items]
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
-        raise ValueError(f"images under {root!r} differ in size ({sorted(shapes)[:3]}); give images of one size")
+        raise InputError(f"images under {root!r} differ in size ({sorted(shapes)[:3]}); give images of one size")
     batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     return batch, torch.tensor([label for _, label in items])
 
@@ -53,10 +54,10 @@ def train_demo(data: str, out: str, rho_free: bool = False, epochs: int | None =
     """
     epochs = DEMO_EPOCHS if epochs is None else epochs
     if epochs < 1:
-        raise ValueError(f"epochs={epochs}: train for at least one epoch")
+        raise InputError(f"epochs={epochs}: train for at least one epoch")
     world_json = storage.join(data, "world.json")
     if not storage.exists(world_json):
-        raise ValueError(f"{data!r} holds no world.json; write a world there first with `salient synth --out {data}`")
+        raise InputError(f"{data!r} holds no world.json; write a world there first with `salient synth --out {data}`")
     params = storage.read_json(world_json)["params"]
     size, num_classes = int(params["size"]), int(params["classes"])
     split = "train_free" if rho_free else "train"
@@ -64,7 +65,7 @@ def train_demo(data: str, out: str, rho_free: bool = False, epochs: int | None =
     items = image_folder(root)
     pixels, labels = load_images(root, items)
     if pixels.shape[-2:] != (size, size):
-        raise ValueError(f"images under {root!r} are {tuple(pixels.shape[-2:])}, world.json says {size}x{size}")
+        raise InputError(f"images under {root!r} are {tuple(pixels.shape[-2:])}, world.json says {size}x{size}")
 
     start = time.perf_counter()
     deterministic = torch.are_deterministic_algorithms_enabled()

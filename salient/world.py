@@ -11,7 +11,7 @@ real background (sand, water, foliage), a texture is told apart by detail that G
 masks, and noise on any region looks like grain. A classifier that learned "grain means this class"
 from the biased split therefore changes its answer when the background of another class is noised,
 while a twin trained with cues independent of the label learned to ignore grain; the sensitivity
-evaluation (design.md §2) tells the two apart.
+evaluation (docs/design.md §2) tells the two apart.
 
 Splits (each an ImageFolder root under the world directory):
 
@@ -41,6 +41,7 @@ import pyarrow as pa
 from PIL import Image
 
 from salient import storage
+from salient.errors import InputError
 
 # Bump when the same arguments would draw different images.
 GENERATOR_VERSION = 2
@@ -149,24 +150,24 @@ def split_size(split: str, per_class: int) -> int:
 
 
 def validate(classes: int, per_class: int, size: int, rho: float, seed: int) -> None:
-    """Raise ``ValueError`` unless the arguments describe a world that can be made."""
+    """Raise ``InputError`` unless the arguments describe a world that can be made."""
     _validate_plan(classes, per_class, rho, seed)
     if size < 16:
-        raise ValueError(f"size={size}: use at least 16 pixels, or the cue objects vanish")
+        raise InputError(f"size={size}: use at least 16 pixels, or the cue objects vanish")
 
 
 def _validate_plan(classes: int, per_class: int, rho: float, seed: int) -> None:
     if not 3 <= classes <= len(SHAPES):
-        raise ValueError(
+        raise InputError(
             f"classes={classes}: use 3 to {len(SHAPES)} (one shape per class; the cue-swapped split "
             "needs at least two cue-bearing classes, and classes 1 and 2 are the first)"
         )
     if not 1 <= per_class <= MAX_PER_CLASS:
-        raise ValueError(f"per_class={per_class}: use 1 to {MAX_PER_CLASS} train images per class")
+        raise InputError(f"per_class={per_class}: use 1 to {MAX_PER_CLASS} train images per class")
     if not 0.0 <= rho <= 1.0:
-        raise ValueError(f"rho={rho}: it is a probability, use a value in [0, 1]")
+        raise InputError(f"rho={rho}: it is a probability, use a value in [0, 1]")
     if seed < 0:
-        raise ValueError(f"seed={seed}: use a non-negative integer")
+        raise InputError(f"seed={seed}: use a non-negative integer")
 
 
 def design(classes: int) -> tuple[ClassDesign, ...]:
@@ -406,9 +407,9 @@ def _claim(out: str) -> None:
     if not fs.exists(path):
         return
     if not fs.isdir(path):
-        raise ValueError(f"world output {out!r} is a file; give a directory")
+        raise InputError(f"world output {out!r} is a file; give a directory")
     if fs.ls(path, detail=False) and not fs.exists(storage.join(path, "world.json")):
-        raise ValueError(f"world output {out!r} is not empty and holds no world.json; give an empty or new directory")
+        raise InputError(f"world output {out!r} is not empty and holds no world.json; give an empty or new directory")
     for name in SPLITS + TABLES:
         storage.remove(storage.join(out, name), recursive=True)
 

@@ -1,1 +1,1 @@
-"""Prefect tasks: thin wrappers that call the ``salient`` library, and the Ray actor pool they share."""
+"""Prefect tasks: the one task that runs a stage of the ``salient`` library, and the Ray executor it runs on."""

@@ -1,9 +1,11 @@
-"""A pool of Ray actors, each built once from a builder (loading its model once), that work through
-a list of items with bounded retries; a dead actor (alone, or with its whole node) is replaced and
-its item is run again."""
+"""The Ray executor of a run: one Ray session for the whole run (a running Ray, a cluster at
+``compute.ray_address``, or a private local Ray stopped at the end), and on it a pool of actors,
+each built once (loading its model once), that work through a list of items with bounded retries;
+a dead actor (alone, or with its whole node) is replaced and its item is run again."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -12,8 +14,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import ExitStack, contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -22,7 +23,9 @@ from ray.autoscaler.sdk import request_resources
 from ray.exceptions import RayActorError, RayTaskError
 
 from salient.config import ComputeConfig
-from salient.resources import WorkerResources
+from salient.errors import ConfigError, Unreachable
+from salient.resources import WorkerResources, plan_workers
+from salient.stage import Builder, OnResult, PoolResult, reason_of
 
 log = logging.getLogger("salient.pool")
 
@@ -58,17 +61,17 @@ def _endpoint(address: str) -> tuple[str, int] | None:
         try:
             address = canonicalize_bootstrap_address("auto")
         except ConnectionError as exc:
-            raise ConnectionError(f"compute.ray_address = 'auto': {exc}") from None
+            raise Unreachable(f"compute.ray_address = 'auto': {exc}") from None
         if address is None:
             return None
     parts = urlsplit(address if address.startswith("ray://") else f"//{address}")
     if not parts.hostname:
-        raise ValueError(f"compute.ray_address = {address!r}: not host:port, ray://host:port or auto")
+        raise ConfigError([f"compute.ray_address = {address!r}: not host:port, ray://host:port or auto"])
     return parts.hostname, parts.port or RAY_CLIENT_PORT
 
 
 def wait_reachable(address: str, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> None:
-    """Return once ``address`` accepts a TCP connection; raise ``ConnectionError`` after ``timeout_s``.
+    """Return once ``address`` accepts a TCP connection; raise ``Unreachable`` (a ``ConnectionError``) after ``timeout_s``.
 
     ``ray.init`` itself keeps retrying an address where nothing listens for many minutes.
     """
@@ -86,7 +89,7 @@ def wait_reachable(address: str, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -
         if time.monotonic() + _RETRY_S >= deadline:
             break
         time.sleep(_RETRY_S)
-    raise ConnectionError(
+    raise Unreachable(
         f"compute.ray_address = {address!r}: nothing accepted a connection at {host}:{port} within "
         f"{timeout_s:g} s ({last}); start the cluster (`ray start --head`) or fix compute.ray_address "
         "(leave it unset for a private local Ray); compute.ray_connect_timeout_s sets how long to wait"
@@ -115,16 +118,41 @@ def ray_cluster(address: str | None = None, connect_timeout_s: float = DEFAULT_C
             ray.shutdown()
 
 
-@contextmanager
-def compute_cluster(compute: ComputeConfig, uses_gpus: bool = True) -> Iterator[dict[str, float]]:
-    """:func:`ray_cluster` as a config's ``compute`` section describes it.
+class RayExecutor:
+    """Runs a run's work on Ray (see :class:`salient.stage.Executor`): it connects on first use,
+    once for the whole run, and stops on exit the Ray it started.
 
     For a stage that ``uses_gpus``, with ``compute.request_gpus`` set, the autoscaler is asked for
-    room for that many GPUs in worker-shaped bundles; the cluster's totals are yielded once they
-    are there or ``compute.scale_up_timeout_s`` has passed, and the request is withdrawn on exit so
-    that idle nodes can go.
+    room for that many GPUs in worker-shaped bundles; the pool starts once they are there or
+    ``compute.scale_up_timeout_s`` has passed, and the request is withdrawn when the pool is done
+    so that idle nodes can go.
     """
-    with ray_cluster(compute.ray_address, compute.ray_connect_timeout_s) as totals:
+
+    def __init__(self, compute: ComputeConfig) -> None:
+        self.compute = compute
+        self._session: ExitStack | None = None
+
+    def __enter__(self) -> RayExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+    def connect(self) -> dict[str, float]:
+        """Join or start Ray (once per run); returns the cluster's total resources."""
+        if self._session is None:
+            session = ExitStack()
+            session.enter_context(ray_cluster(self.compute.ray_address, self.compute.ray_connect_timeout_s))
+            self._session = session
+        return dict(ray.cluster_resources())
+
+    @contextmanager
+    def gpus(self, uses_gpus: bool = True) -> Iterator[dict[str, float]]:
+        """The cluster's totals, after asking the autoscaler for ``compute.request_gpus`` when set."""
+        totals = self.connect()
+        compute = self.compute
         if not uses_gpus or compute.request_gpus is None:
             yield totals
             return
@@ -135,6 +163,23 @@ def compute_cluster(compute: ComputeConfig, uses_gpus: bool = True) -> Iterator[
             yield await_gpus(compute.request_gpus, totals, compute.scale_up_timeout_s)
         finally:
             ask_autoscaler([])
+
+    def pool(
+        self, builder: Builder, payloads: Sequence[Any], *, uses_gpus: bool = True,
+        on_result: OnResult | None = None, max_attempts: int = 3,
+    ) -> PoolResult:
+        if not payloads:
+            return PoolResult()
+        with self.gpus(uses_gpus) as totals:
+            res = plan_workers(self.compute, totals.get("CPU", 1.0), totals.get("GPU", 0.0))
+            run_log().info(
+                "%d items on %d workers x (%g GPU, %g CPU)", len(payloads), res.workers, res.gpus_per_worker, res.cpus_per_worker
+            )
+            return run_pool(functools.partial(builder, res.threads), payloads, res, max_attempts=max_attempts, on_result=on_result)
+
+    def map(self, fn: Callable[..., Any], args: Sequence[tuple]) -> Iterator[Any]:
+        self.connect()
+        yield from ray_map(fn, args)
 
 
 @ray.remote(num_cpus=0)
@@ -192,27 +237,13 @@ class PoolWorker:
         }
 
 
-@dataclass
-class PoolResult:
-    results: list[Any] = field(default_factory=list)
-    failed: list[tuple[Any, str]] = field(default_factory=list)
-    replaced_workers: int = 0
-    workers: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[-1] if text else ''}"[:500]
-
-
 def run_pool(
     builder: Callable[[], Callable[[Any], Any]],
     items: Sequence[Any],
     resources: WorkerResources,
     *,
     max_attempts: int = 3,
-    on_result: Callable[[Any], None] | None = None,
-    on_retry: Callable[[Any, int, str], None] | None = None,
+    on_result: OnResult | None = None,
     start_timeout_s: float = WORKER_START_TIMEOUT_S,
 ) -> PoolResult:
     """Run every item on ``resources.workers`` actors; each item at most ``max_attempts`` times.
@@ -240,8 +271,6 @@ def run_pool(
     def retry(item: Any, attempt: int, reason: str) -> None:
         if attempt < max_attempts:
             run_log().warning("attempt %d of %d failed (%s); retrying", attempt, max_attempts, reason)
-            if on_retry is not None:
-                on_retry(item, attempt, reason)
             queue.append((item, attempt + 1))
         else:
             out.failed.append((item, reason))
@@ -276,7 +305,7 @@ def run_pool(
                 except RayActorError as exc:
                     ray.kill(actor, no_restart=True)
                     start_failures += 1
-                    last_start_error = _reason(exc)
+                    last_start_error = reason_of(exc)
                     run_log().warning("a worker failed to start (%s)", last_start_error)
                     if start_failures < max_attempts * n_workers:
                         start()
@@ -290,16 +319,16 @@ def run_pool(
                 out.replaced_workers += 1
                 ray.kill(actor, no_restart=True)
                 start()
-                retry(item, attempt, _reason(exc))
+                retry(item, attempt, reason_of(exc))
                 continue
             except RayTaskError as exc:
                 idle.append(actor)
-                retry(item, attempt, _reason(exc))
+                retry(item, attempt, reason_of(exc))
                 continue
             idle.append(actor)
             out.results.append(result)
             if on_result is not None:
-                on_result(result)
+                on_result(item, result)
     finally:
         for actor in [*idle, *starting.values(), *(a for a, _, _ in inflight.values())]:
             ray.kill(actor, no_restart=True)

@@ -1,4 +1,4 @@
-"""Session-wide test settings: local-run environment defaults (design.md §4)."""
+"""Session-wide test settings: local-run environment defaults (docs/design.md §4)."""
 
 import os
 import tempfile

@@ -58,3 +58,11 @@ def current_build(root) -> str:
     from salient import builds
 
     return builds.resolve(str(root), pointer="current")
+
+
+def run_stages(cfg, *names: str) -> dict:
+    """Run the named stages on the current build through the rebuild flow, as `salient <stage>`
+    does; returns the summary of the last one."""
+    from flows.rebuild import rebuild_flow
+
+    return rebuild_flow(cfg, list(names))["stages"][names[-1]]

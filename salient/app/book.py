@@ -1,10 +1,11 @@
 """What the annotation app knows: the pairs of a build (from ``discover/tasks.csv``) and every answer
 under ``OUT/annotations/incoming/``, including the ones it writes there itself.
 
-Answer files are read with the ingest stage's own row checks, so the app counts exactly the answers
-``salient ingest`` will accept. The app writes one CSV per (app run, worker), in the paper's columns,
-rewritten whole and atomically on every answer under one lock: a reader (or ``salient ingest``)
-sees the file before or after an answer, never half of it, and two app runs never share a file.
+Answer files are read and checked by :mod:`salient.answers`, as ``salient ingest`` reads them, so
+the app counts exactly the answers ``salient ingest`` will accept. The app writes one CSV per (app
+run, worker), in the paper's columns, rewritten whole and atomically on every answer under one
+lock: a reader (or ``salient ingest``) sees the file before or after an answer, never half of it,
+and two app runs never share a file.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from salient import builds, discover, ingest, storage
+from salient import builds, discover, storage, tables
+from salient.answers import ANSWER_COLUMNS, Answer, Ledger, answer_files
+from salient.errors import InputError
 
 APP_FILE_PREFIX = "app-"
 # The paper's answer columns, then MTurk's own submit-time column (ingest ignores extra columns).
-APP_COLUMNS = (*ingest.ANSWER_COLUMNS, "SubmitTime")
+APP_COLUMNS = (*ANSWER_COLUMNS, "SubmitTime")
 
 
 class Conflict(Exception):
@@ -50,39 +53,29 @@ class Pair:
         return f"/pairs/{self.class_index}/{self.feature_index}"
 
 
-@dataclass(frozen=True)
-class Answer:
-    worker_id: str
-    class_index: int
-    feature_index: int
-    answer: str
-    confidence: float
-    reason: str
-
-
 def _task_int(row: Mapping[str, str], column: str, uri: str, line: int) -> int:
     text = (row.get(column) or "").strip()
     if not text.isdigit():
-        raise ValueError(f"{uri} line {line}: {column} {text!r} is not a non-negative integer; rerun `salient discover CONFIG`")
+        raise InputError(f"{uri} line {line}: {column} {text!r} is not a non-negative integer; rerun `salient discover CONFIG`")
     return int(text)
 
 
 def read_pairs(build: str) -> list[Pair]:
     """The pairs of the build at ``build``, in the order of its ``discover/tasks.csv``."""
-    uri = storage.join(build, discover.TASKS_CSV)
+    uri = storage.join(build, tables.TASKS.path)
     if not storage.exists(uri):
-        raise ValueError(f"{uri} is missing: the build has no discovery assets; run `salient discover CONFIG` first")
+        raise InputError(f"{uri} is missing: the build has no discovery assets; run `salient discover CONFIG` first")
     reader = csv.DictReader(io.StringIO(storage.read_bytes(uri).decode("utf-8-sig"), newline=""))
     missing = [c for c in discover.TASK_COLUMNS if c not in (reader.fieldnames or [])]
     if missing:
-        raise ValueError(f"{uri} lacks the columns {', '.join(missing)}; rerun `salient discover CONFIG`")
+        raise InputError(f"{uri} lacks the columns {', '.join(missing)}; rerun `salient discover CONFIG`")
     pairs: dict[tuple[int, int], Pair] = {}
     for line, row in enumerate(reader, start=2):
         c = _task_int(row, "class_index", uri, line)
         j = _task_int(row, "feature_index", uri, line)
         wnid = storage.safe_relpath(row["wnid"].strip())
         if (c, j) in pairs:
-            raise ValueError(f"{uri} line {line}: class {c} feature {j} is listed twice; rerun `salient discover CONFIG`")
+            raise InputError(f"{uri} line {line}: class {c} feature {j} is listed twice; rerun `salient discover CONFIG`")
         # Asset paths follow discover/'s layout; the task row's URL (maybe behind a base_url) only says a strip exists.
         strips = {s: f"{wnid}/feature_{j}/{s}.png" for s in discover.STRIPS if (row.get(f"{s}_url") or "").strip()}
         pairs[(c, j)] = Pair(
@@ -125,7 +118,7 @@ class AnswerBook:
             return {}
         entries = {storage.basename(e["name"]): e for e in fs.ls(path, detail=True)}
         listing = {}
-        for uri in ingest.answer_files(self.root):
+        for uri in answer_files(self.root):
             e = entries.get(storage.basename(uri), {})
             listing[uri] = (e.get("size"), e.get("mtime") or e.get("LastModified") or e.get("ETag"))
         return listing
@@ -134,14 +127,12 @@ class AnswerBook:
         listing = self._listing()
         if listing == self._seen:
             return
-        ledger = ingest._Ledger()
-        wnid_of: dict[int, tuple[str, str, int]] = {}
-        first_answer: dict[tuple[str, int, int], tuple[str, int]] = {}
+        ledger = Ledger(self.classes)
         for uri in listing:
-            ingest.read_answer_file(uri, storage.read_bytes(uri), ledger, self.classes, wnid_of, first_answer)
+            ledger.read(uri)
         self._by_pair, self._by_worker = {}, {}
         for a in ledger.accepted:
-            self._record(Answer(a.worker_id, a.class_index, a.feature_index, a.answer, a.confidence, a.reason))
+            self._record(a)
         self.rejected_rows = len(ledger.rejected)
         self._seen = listing
 
@@ -182,13 +173,18 @@ class AnswerBook:
             buf = io.StringIO()
             writer = csv.writer(buf, lineterminator="\n")
             writer.writerow(APP_COLUMNS)
-            writer.writerows(rows)
+            writer.writerows(rows[:-1])
+            line = buf.getvalue().count("\n") + 1  # a reason may span lines
+            writer.writerow(rows[-1])
             try:
                 storage.write_bytes_atomic(uri, buf.getvalue().encode("utf-8"))
             except BaseException:
                 rows.pop()
                 raise
-            record = Answer(worker_id, pair.class_index, pair.feature_index, answer, float(confidence), rows[-1][7])
+            record = Answer(
+                pair.class_index, pair.wnid, pair.feature_index, pair.feature_rank, worker_id, answer, float(confidence),
+                rows[-1][7], uri, line,
+            )
             self._record(record)
             # Our own write is known; only files changed by others make the next look reread.
             self._seen = {**(self._seen or {}), uri: self._listing()[uri]}

@@ -33,11 +33,13 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError, field_validator
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from salient import builds, ingest, storage
+from salient import builds, ingest, storage, tables
 from salient.agreement import fleiss_kappa
+from salient.answers import ANSWERS, CONFIDENCE_MAX, CONFIDENCE_MIN, MAX_ID
 from salient.app.book import AnswerBook, Conflict, read_pairs
 from salient.app.examples import ClassExamples
 from salient.config import Config
+from salient.errors import InputError
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_REASON_CHARS = 2000
@@ -90,14 +92,14 @@ def is_loopback(host: str) -> bool:
 
 
 def check_access(host: str, token: str | None) -> None:
-    """``ValueError`` unless the app may listen on ``host`` with ``token``: off loopback, a token is required."""
+    """:class:`InputError` unless the app may listen on ``host`` with ``token``: off loopback, a token is required."""
     if token is not None and len(token) < MIN_TOKEN_CHARS:
-        raise ValueError(
+        raise InputError(
             f"the token has {len(token)} characters; use at least {MIN_TOKEN_CHARS}, e.g. "
             "`python -c \"import secrets; print(secrets.token_urlsafe(24))\"`"
         )
     if token is None and not is_loopback(host):
-        raise ValueError(
+        raise InputError(
             f"--host {host} is reachable from other machines: give a shared token with --token or the "
             f"environment variable {TOKEN_ENV} (people then open the app once with ?token=...), or keep --host 127.0.0.1"
         )
@@ -123,10 +125,10 @@ class AnswerIn(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     worker_id: WorkerId
-    class_index: int = Field(ge=0, le=ingest.MAX_ID)
-    feature_index: int = Field(ge=0, le=ingest.MAX_ID)
-    answer: Literal[ingest.ANSWERS]
-    confidence: int = Field(ge=int(ingest.CONFIDENCE_MIN), le=int(ingest.CONFIDENCE_MAX))
+    class_index: int = Field(ge=0, le=MAX_ID)
+    feature_index: int = Field(ge=0, le=MAX_ID)
+    answer: Literal[ANSWERS]
+    confidence: int = Field(ge=int(CONFIDENCE_MIN), le=int(CONFIDENCE_MAX))
     reason: str = Field(max_length=MAX_REASON_CHARS)
 
     @field_validator("reason")
@@ -226,7 +228,7 @@ def create_app(settings: AppSettings) -> FastAPI:
         for p in pairs:
             answers = book.answers(p.key)
             votes = Counter(a.answer for a in answers)
-            counts = [votes[a] for a in ingest.ANSWERS]
+            counts = [votes[a] for a in ANSWERS]
             label, kind = ingest.label_votes(*counts, settings.min_answers)
             labels[label] += 1
             if len(answers) >= settings.min_answers:
@@ -244,9 +246,9 @@ def create_app(settings: AppSettings) -> FastAPI:
         if path not in assets:
             raise HTTPException(404, "no such asset in this build")
         try:
-            data = storage.read_bytes(storage.join(settings.build, "discover", storage.safe_relpath(path)))
+            data = storage.read_bytes(storage.join(settings.build, tables.DISCOVER_DIR, storage.safe_relpath(path)))
         except FileNotFoundError:
-            raise HTTPException(404, f"{path} is listed in discover/tasks.csv but missing; rerun `salient discover CONFIG`") from None
+            raise HTTPException(404, f"{path} is listed in {tables.TASKS.path} but missing; rerun `salient discover CONFIG`") from None
         return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
     @app.get("/classes/{class_index}/examples.png")

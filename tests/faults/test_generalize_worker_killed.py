@@ -28,8 +28,8 @@ class _KillBeforeCommit:
         commit = storage.write_json
 
         def torn_then_killed(uri: str, obj: object) -> None:
-            if uri == masks.block_marker(block.out, block.index):
-                arr = masks.open_array(block.out, mode="r+")
+            if uri == masks.block_marker(block.build, block.index):
+                arr = masks.open_array(block.build, mode="r+")
                 arr[block.start : block.start + len(block.relpaths)] = np.full((len(block.relpaths), *arr.shape[1:]), 255, np.uint8)
                 os.kill(os.getpid(), signal.SIGKILL)
             commit(uri, obj)
@@ -38,21 +38,21 @@ class _KillBeforeCommit:
         return self.runner(block)
 
 
-def _killing_runner(once: str, config, threads: int) -> _KillBeforeCommit:
-    return _KillBeforeCommit(masks.MaskRunner(config.model, config.preprocess, batch_size=config.compute.batch_size, threads=threads), once)
+def _killing_runner(once: str, model, preprocess, batch_size: int, threads: int | None) -> _KillBeforeCommit:
+    return _KillBeforeCommit(masks.MaskRunner(model, preprocess, batch_size=batch_size, threads=threads), once)
 
 
 def test_worker_killed_mid_block_loses_and_duplicates_no_mask(reference, tmp_path, monkeypatch, ray_session, prefect_server):
-    import tasks.generalize
+    import salient.stages.generalize
     from flows.rebuild import rebuild_flow
 
     # a rebuild of the clean build's output root in which only the masks are not cached
     root = tmp_path / "out"
     shutil.copytree(reference.root, root)
-    for stage in (masks.DIRNAME, masks.NAMS_STAGE):
+    for stage in ("generalize", masks.NAMS_STAGE):
         shutil.rmtree(root / "cache" / stage)
     once = tmp_path / "killed-once"
-    monkeypatch.setattr(tasks.generalize, "_build_runner", functools.partial(_killing_runner, str(once)))
+    monkeypatch.setattr(salient.stages.generalize, "_runner", functools.partial(_killing_runner, str(once)))
 
     result = rebuild_flow(fault_config(reference.world, reference.checkpoint, str(root)))
 

@@ -185,23 +185,27 @@ def _meeting(folder: str, n: int, builder: Callable[[], Callable[[Any], Any]]) -
 
 
 def drive(config_path: str, record: str, folder: str, victim: int) -> int:
-    """``salient run CONFIG`` in this process, with the activation stage's pool watched: its workers
+    """``salient run CONFIG`` in this process, with the activation stage's pool (the run's first) watched: its workers
     meet before their first shard (so every node computes one), the node ``victim`` (a process
     group) is SIGKILLed as soon as its worker has committed a shard, and what the pool saw is
     written to ``record`` as JSON."""
     import ray
 
-    import tasks.activations
+    import tasks.ray_pool
     from salient import cli
 
-    run_pool = tasks.activations.run_pool
+    run_pool = tasks.ray_pool.run_pool
+    calls: list[int] = []
 
     def watched(builder, items, resources, *, on_result=None, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            return run_pool(builder, items, resources, on_result=on_result, **kwargs)
         killed: list[int] = []
 
-        def kill_after_its_shard(stats: dict) -> None:
+        def kill_after_its_shard(item, stats: dict) -> None:
             if on_result is not None:
-                on_result(stats)
+                on_result(item, stats)
             if not killed and node_group(stats["worker"]["pid"]) == victim:
                 kill_node(victim)
                 killed.append(stats["shard"])
@@ -216,7 +220,7 @@ def drive(config_path: str, record: str, folder: str, victim: int) -> int:
             }, fh)
         return result
 
-    tasks.activations.run_pool = watched
+    tasks.ray_pool.run_pool = watched
     return cli.main(["run", config_path])
 
 

@@ -18,6 +18,8 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from salient import activations, storage
 from salient import plan as planmod
+from salient.stage import committed_result, local_run
+from salient.stages.activations import Activations
 
 Fault = Callable[[str], BaseException | None]
 METHODS = ("pipe_file", "cat_file", "exists", "find", "rm", "cp_file", "open")
@@ -189,9 +191,12 @@ def test_a_create_whose_answer_was_lost_is_still_won(flaky):
 def test_no_commit_marker_without_its_table(flaky, activation_world):
     fs, _ = flaky
     cfg, planned = activation_world
-    out = "flaky://build"
+    cfg.output = "flaky://out"
+    run = local_run(cfg)
+    out = run.build
     planmod.write_plan(cfg.dataset.root, out, cfg.compute.shard_size)
-    task = activations.shard_tasks(cfg.dataset.root, out, "w", cfg.model, cfg.preprocess)[0][0]
+    item = Activations().shards(run)[0]
+    task = item.payload
     runner = activations.ActivationRunner(cfg.model, cfg.preprocess, cfg.compute, threads=1)
     table, marker = activations.table_uri(out, 0), activations.stats_uri(out, 0)
 
@@ -204,11 +209,11 @@ def test_no_commit_marker_without_its_table(flaky, activation_world):
     with pytest.raises(OSError, match="No space left"):
         runner(task)
     assert storage.exists(table) and not storage.exists(marker)
-    assert activations.committed_stats(out, 0, task.fingerprint) is None, "a table without its marker is not committed"
+    assert committed_result(run, item) is None, "a table without its marker is not committed"
 
     fs.faults["pipe_file"] = first(2, OSError(errno.EBUSY, "Please reduce your request rate."))
     stats = runner(task)
-    assert activations.committed_stats(out, 0, task.fingerprint) == stats
+    assert committed_result(run, item) == stats
     rows = storage.read_parquet(table).column("relpath").to_pylist()
     assert rows == [r for r in task.shard.relpaths if r not in {f["relpath"] for f in stats["failures"]}]
     assert len(rows) == stats["images"] and stats["images"] + stats["failed"] == len(task.shard.relpaths)

@@ -1,14 +1,12 @@
 import os
 
 from salient import activations, storage
-from tests.helpers import current_build, read_activation_rows
+from tests.helpers import current_build, read_activation_rows, run_stages
 
 
 def test_flow_runs_every_image_once_on_two_gpu_workers_then_skips(activation_world, ray_session, prefect_server):
-    from flows.activations import activations_flow
-
     cfg, planned = activation_world
-    summary = activations_flow(cfg)
+    summary = run_stages(cfg, "activations")
     # shards never span classes: 8, 9 and 8 images in runs of 5
     assert (summary["planned"], summary["images"], summary["failed"], summary["shards"]) == (25, 24, 1, 6)
     out = current_build(cfg.output)
@@ -30,6 +28,6 @@ def test_flow_runs_every_image_once_on_two_gpu_workers_then_skips(activation_wor
     assert all(s["worker"]["device"] == "cpu" for s in stats), "no CUDA here: workers fall back to the CPU"
 
     mtimes = {p: os.stat(p).st_mtime_ns for p in storage.url_to_fs(out)[0].glob(f"{out}/activations/*")}
-    again = activations_flow(cfg)
+    again = run_stages(cfg, "activations")
     assert again["images"] == 24
     assert {p: os.stat(p).st_mtime_ns for p in mtimes} == mtimes, "a rerun with nothing changed recomputes nothing"

@@ -2,20 +2,18 @@ import numpy as np
 import pytest
 
 from salient import activations, cli, models, storage
-from tests.helpers import current_build, read_activation_rows
+from salient.stage import local_run
+from salient.stages.activations import Activations
+from tests.helpers import current_build, read_activation_rows, run_stages
 
 
 def test_aggregate_flow_matches_brute_force_on_real_activations(activation_world, ray_session, prefect_server, capsys):
-    from flows.activations import activations_flow
-    from flows.aggregate import aggregate_flow
-
     cfg, _ = activation_world
     cfg.aggregate.grouping = "label"
     cfg.aggregate.features_per_class = 2
     cfg.aggregate.top_k_class = 3
     cfg.aggregate.top_k_neuron = 4
-    activations_flow(cfg)
-    summary = aggregate_flow(cfg)
+    summary = run_stages(cfg, "activations", "aggregate")
 
     out = current_build(cfg.output)
     rows = read_activation_rows(out).sort_by("image_id")
@@ -56,6 +54,7 @@ def test_missing_shard_is_named(activation_world):
     from salient import plan
 
     cfg, _ = activation_world
-    plan.write_plan(cfg.dataset.root, cfg.output, cfg.compute.shard_size)
+    run = local_run(cfg)
+    plan.write_plan(cfg.dataset.root, run.build, cfg.compute.shard_size)
     with pytest.raises(ValueError, match=r"6 activation shards are missing .*part-00000, part-00001"):
-        activations.committed_shards(cfg.output, "w", cfg.model, cfg.preprocess)
+        Activations().committed(run)

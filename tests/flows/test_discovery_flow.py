@@ -8,7 +8,7 @@ from PIL import Image
 
 from salient import cli, config, discover, storage, world
 from salient.dataset import SalientMasks
-from tests.helpers import current_build, make_checkpoint
+from tests.helpers import current_build, make_checkpoint, run_stages
 
 
 @pytest.fixture
@@ -25,17 +25,11 @@ def tiny_world_config(tmp_path):
 
 
 def test_discover_simulate_ingest_generalize(tiny_world_config, ray_session, prefect_server):
-    from flows.activations import activations_flow
-    from flows.aggregate import aggregate_flow
-    from flows.annotations import ingest_flow, simulate_flow
-    from flows.discover import discover_flow
-    from flows.generalize import generalize_flow
-
     cfg = tiny_world_config
-    activations_flow(cfg)
+    run_stages(cfg, "activations")
     out = current_build(cfg.output)
-    aggregate_flow(cfg)
-    summary = discover_flow(cfg)
+    run_stages(cfg, "aggregate")
+    summary = run_stages(cfg, "discover")
     assert (summary["pairs"], summary["made"], summary["reused"]) == (6, 6, 0)
 
     rows = list(csv.DictReader(io.StringIO(storage.read_bytes(summary["tasks"]).decode())))
@@ -52,12 +46,12 @@ def test_discover_simulate_ingest_generalize(tiny_world_config, ray_session, pre
     assert (record["nam_h"], record["nam_w"]) == (4, 4) and len(record["nams"]) == 3
     assert max(max(n) for n in record["nams"]) == pytest.approx(1.0, abs=1e-3), "NAMs are divided by their max"
 
-    again = discover_flow(cfg)
+    again = run_stages(cfg, "discover")
     assert (again["made"], again["reused"]) == (0, 6), "unchanged pairs are not remade"
 
-    sim = simulate_flow(cfg)
+    sim = run_stages(cfg, "simulate")
     assert sim["answers"] == 6 * 5
-    labels = ingest_flow(cfg)
+    labels = run_stages(cfg, "ingest")
     assert (labels["pairs"], labels["accepted"], labels["rejected"]) == (6, 30, 0)
     assert labels["spurious"] + labels["core"] == 6 and labels["pairs_not_in_build"] == 0
     table = storage.read_parquet(f"{out}/annotations/labels.parquet").to_pylist()
@@ -68,11 +62,11 @@ def test_discover_simulate_ingest_generalize(tiny_world_config, ray_session, pre
     labelled = sum(r["label"] in ("core", "spurious") for r in table)
     cfg.generalize.images_per_pair = 4
     cfg.generalize.masks_per_shard = 5
-    gen = generalize_flow(cfg)
+    gen = run_stages(cfg, "generalize")
     assert gen["masks"] == labelled * 4 and gen["computed_blocks"] == gen["blocks"] == -(-labelled * 4 // 5)
     store = SalientMasks(cfg.output, os.path.basename(out))
     assert len(store) == gen["masks"] and store.array.shape == (gen["masks"], 32, 32)
-    assert generalize_flow(cfg)["computed_blocks"] == 0, "a rerun recomputes no mask"
+    assert run_stages(cfg, "generalize")["computed_blocks"] == 0, "a rerun recomputes no mask"
 
     config_path = os.path.join(os.path.dirname(cfg.output), "salient.yaml")
     with open(config_path, "w") as fh:
@@ -83,16 +77,14 @@ def test_discover_simulate_ingest_generalize(tiny_world_config, ray_session, pre
     reference = os.path.join(os.path.dirname(cfg.output), "reference")
     assert cli.main(["export", "reference", cfg.output, reference, "--build", os.path.basename(out)]) == 0
 
-    from flows.evaluate import evaluate_flow
-
     cfg.evaluate.models = [config.EvalModelConfig(name="tiny", arch="tiny_resnet", checkpoint=cfg.model.checkpoint)]
     cfg.evaluate.sigmas = [0.0, 0.5]
-    first = evaluate_flow(cfg)
+    first = run_stages(cfg, "evaluate")
     assert (first["models"], first["sigmas"], first["reused"]) == (1, 2, 0)
     pairs_eval = storage.read_parquet(f"{out}/evaluation/pairs.parquet").to_pylist()
     assert len(pairs_eval) == 2 * labelled
     assert all(r["noisy_acc"] == r["clean_acc"] for r in pairs_eval if r["sigma"] == 0.0)
     assert all(0.0 <= r["clean_acc"] <= 1.0 for r in pairs_eval)
     assert os.path.exists(f"{out}/evaluation/tiny.png")
-    again = evaluate_flow(cfg)
+    again = run_stages(cfg, "evaluate")
     assert again["reused"] == 2 and again["summary"] == first["summary"]

@@ -11,6 +11,7 @@ import uuid
 import pytest
 
 from salient import builds, cli, config, storage, world
+from salient.errors import Busy
 from tests.browser import broken_images, browser  # noqa: F401 -- session fixture: headless Chromium
 from tests.faults import kill_group, spawn_run
 from tests.helpers import make_checkpoint
@@ -134,7 +135,7 @@ def test_killed_build_leaves_latest_and_concurrent_rebuilds_cannot_both_publish(
     a, b = spawn_run(path, str(tmp_path / "a.log")), spawn_run(path, str(tmp_path / "b.log"))
     codes = sorted([a.wait(timeout=600), b.wait(timeout=600)])
     logs = (tmp_path / "a.log").read_text() + (tmp_path / "b.log").read_text()
-    assert codes == [0, cli.EXIT_BUSY], logs
+    assert codes == [0, Busy.exit_code], logs
     assert "another rebuild holds" in logs and logs.count("published as latest") == 1
     published = builds.read_pointer(root, "latest")
     assert len(builds.list_builds(root)) == 1
@@ -163,7 +164,8 @@ def test_killed_build_leaves_latest_and_concurrent_rebuilds_cannot_both_publish(
     assert resumed.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()
     assert builds.read_pointer(root, "latest") == killed, "the killed build was resumed and published"
     stats = [json.loads(open(p).read()) for p in glob.glob(f"{root}/builds/{killed}/activations/part-*.json")]
-    assert len(stats) == 12 and sum("cache_entry" in s for s in stats) == 12
+    used = builds.cache_entries(builds.Layout(root, killed))
+    assert len(stats) == 12 and sum(e.startswith("activations/") for e in used) == 12, "every shard is kept in the cache"
     assert cached_before >= 1
 
 
@@ -185,6 +187,6 @@ def test_the_whole_flow_on_s3(s3_server, ray_session, prefect_server, tmp_path, 
     from salient.dataset import SalientMasks
 
     masks = SalientMasks(cfg.output)
-    assert masks.out == again["build"] and len(masks) == counts["masks"]
+    assert masks.build == again["build"] and len(masks) == counts["masks"]
     seen = manifest_text + capsys.readouterr().out + caplog.text + config.to_yaml(cfg)
     assert s3_server.secret not in seen and s3_server.key not in seen

@@ -4,7 +4,7 @@ import torch
 import torchvision
 import yaml
 
-from salient import cli, config
+from salient import cli, config, preflight, stages
 from tests.helpers import current_build, make_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -27,7 +27,7 @@ def test_example_imagenet_config_validates_with_fixture_paths(tmp_path, capsys):
     path = os.path.join(ROOT, "configs", "imagenet-s3.yaml")
     cfg = config.load(path, overrides)
     assert (cfg.model.format, cfg.aggregate.features_per_class, cfg.aggregate.top_k_class, cfg.compute.gpus_per_worker) == ("robustness", 5, 65, 1)
-    config.check_stages(cfg, config.STAGES)
+    preflight.for_stages(cfg, stages.STAGES)
     assert cli.main(["validate", path, *sum((["--set", o] for o in overrides), [])]) == 0
     assert "config ok" in capsys.readouterr().out
 

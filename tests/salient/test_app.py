@@ -19,9 +19,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from salient import activations, aggregate, builds, config, discover, metadata, models, storage, world
-from salient import plan as planmod
+from salient import builds, config, discover, preflight, stages, storage, world
 from salient.app import AppSettings, check_access, create_app
+from salient.errors import InputError
+from salient.stage import Run, execute
 from tests.browser import broken_images, browser, console_errors, free_port, full_page_screenshot, serve_app  # noqa: F401
 from tests.helpers import make_checkpoint
 
@@ -33,24 +34,14 @@ PAPER_COLUMNS = [
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _make_build(cfg: config.Config, out: str) -> None:
-    """Plan, activations, aggregation and discovery of the config's dataset into the build directory ``out``."""
-    weights = storage.sha256(cfg.model.checkpoint)
-    planmod.write_plan(cfg.dataset.root, out, cfg.compute.shard_size)
-    todo, _ = activations.shard_tasks(cfg.dataset.root, out, weights, cfg.model, cfg.preprocess)
-    runner = activations.ActivationRunner(cfg.model, cfg.preprocess, cfg.compute, threads=1)
-    for task in todo:
-        runner(task)
-    uris, shards_fp = activations.committed_shards(out, weights, cfg.model, cfg.preprocess)
-    net = models.load(cfg.model.checkpoint, cfg.model.arch, cfg.model.format)
-    meta = metadata.read_class_metadata(cfg.dataset.class_metadata)
-    aggregate.run(
-        aggregate.AggregateInputs(out, uris, net.fc_weight.numpy(), planmod.plan_classes(out), shards_fp, meta), cfg.aggregate
-    )
-    work, done = discover.plan_work(out, cfg.dataset.root, weights, cfg.model, cfg.preprocess, cfg.discover)
-    maker = discover.DiscoverRunner(cfg.model, cfg.preprocess, cfg.discover, threads=1)
-    records = done + [r for w in work for r in maker(w)]
-    discover.write_tasks(out, records, meta, None)
+def _make_build(cfg: config.Config, build_id: str) -> str:
+    """Plan, activations, aggregation and discovery of the config's dataset into the build ``build_id``
+    of the config's output root, in this process; returns the build directory."""
+    chosen = stages.select(cfg, ["activations", "aggregate", "discover"])
+    run = Run(cfg, builds.Layout(cfg.output, build_id), preflight.for_stages(cfg, chosen))
+    for stage in chosen:
+        execute(stage, run)
+    return run.build
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +59,7 @@ def app_world(tmp_path_factory):
         "compute.shard_size=10", "compute.gpus_per_worker=0", "aggregate.features_per_class=2",
         "aggregate.grouping=label", "discover.images_per_pair=3", "discover.attack_steps=3",
     ])
-    build = builds.build_dir(root, BUILD_ID)
-    _make_build(cfg, build)
+    build = _make_build(cfg, BUILD_ID)
     builds.write_pointer(root, "latest", BUILD_ID)
     builds.write_pointer(root, "current", BUILD_ID)
     path = tmp / "salient.yaml"
@@ -341,9 +331,9 @@ def test_token_and_host_rules(app_world, tmp_path):
     assert client.get("/review").status_code == 200, "the cookie carries the token from then on"
     assert len(_incoming_rows(tmp_path)) == 1
 
-    with pytest.raises(ValueError, match="SALIENT_APP_TOKEN"):
+    with pytest.raises(InputError, match="SALIENT_APP_TOKEN"):
         check_access("0.0.0.0", None)
-    with pytest.raises(ValueError, match="at least 16"):
+    with pytest.raises(InputError, match="at least 16"):
         check_access("0.0.0.0", "short")
     check_access("0.0.0.0", token)
     check_access("127.0.0.1", None)

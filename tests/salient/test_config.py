@@ -7,7 +7,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from salient import cli, config
+from salient import cli, config, preflight
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def test_defaults_and_relative_paths_follow_the_file(tmp_path, dataset, checkpoi
     assert cfg.output == str(tmp_path / "out")
     assert (cfg.preprocess.resize, cfg.preprocess.crop) == (256, 224)
     assert cfg.compute.shard_size == 5000 and cfg.compute.precision == "fp32" and cfg.compute.workers is None
-    config.check(cfg, ["dataset", "model", "output"])
+    preflight.check(cfg, ["dataset", "model", "output"])
 
 
 def test_overrides_are_typed_and_relative_to_cwd(tmp_path, monkeypatch):
@@ -81,7 +81,7 @@ def test_checks_report_each_failure_on_one_line(tmp_path, checkpoint):
     bad_ckpt.write_bytes(b"not a checkpoint")
     cfg = config.load(None, [f"dataset.root={empty}", f"model.checkpoint={bad_ckpt}", f"output={blocker}/out", "model.arch=resnet18"])
     with pytest.raises(config.ConfigError) as err:
-        config.check(cfg, ["dataset", "model", "output"])
+        preflight.check(cfg, ["dataset", "model", "output"])
     lines = err.value.lines
     assert len(lines) == 3
     assert lines[0].startswith(f"dataset.root = '{empty}': class folders hold no images")
@@ -92,7 +92,7 @@ def test_checks_report_each_failure_on_one_line(tmp_path, checkpoint):
 def test_missing_root_and_wrong_arch(tmp_path, checkpoint):
     cfg = config.load(None, [f"dataset.root={tmp_path}/nope", f"model.checkpoint={checkpoint}", "model.arch=resnet50"])
     with pytest.raises(config.ConfigError) as err:
-        config.check(cfg, ["dataset", "model"])
+        preflight.check(cfg, ["dataset", "model"])
     assert err.value.lines[0] == (
         f"dataset.root = '{tmp_path}/nope': does not exist or is not a directory; "
         "point it at an ImageFolder root (<root>/<wnid>/<image>)"
@@ -102,9 +102,9 @@ def test_missing_root_and_wrong_arch(tmp_path, checkpoint):
 
 def test_only_the_sections_a_command_uses_are_checked(tmp_path):
     cfg = config.load(None, [f"output={tmp_path}/out", f"dataset.root={tmp_path}/nope"])
-    config.check(cfg, ["output"])
+    preflight.check(cfg, ["output"])
     with pytest.raises(config.ConfigError, match="model: missing; this command needs model.checkpoint"):
-        config.check(cfg, ["output", "model"])
+        preflight.check(cfg, ["output", "model"])
 
 
 def test_cli_validate_exit_codes(tmp_path, dataset, checkpoint, capsys):

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torchvision
 
-from salient import config, models
+from salient import config, models, preflight
 
 
 class _Payload:
@@ -116,6 +116,6 @@ def test_a_bad_checkpoint_fails_the_preflight_check_on_one_line(tmp_path):
     path.write_bytes(_torch_zip(pickle.dumps(_Payload(str(marker)), protocol=2)))
     cfg = config.load(None, [f"model.checkpoint={path}", "model.arch=resnet18"])
     with pytest.raises(config.ConfigError) as err:
-        config.check(cfg, ["model"])
+        preflight.check(cfg, ["model"])
     assert len(err.value.lines) == 1 and err.value.lines[0].startswith(f"model.checkpoint = '{path}': checkpoint")
     assert not marker.exists()

@@ -14,7 +14,9 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from salient import activations, images, plan
-from salient.config import MAX_PIXELS, ComputeConfig, ModelConfig, PreprocessConfig
+from salient.config import MAX_PIXELS, ComputeConfig, Config, DatasetConfig, ModelConfig, PreprocessConfig
+from salient.stage import local_run
+from salient.stages.activations import Activations
 from tests.helpers import jpeg_bytes, make_checkpoint, make_image_folder
 
 ORIENTATION = 0x0112
@@ -153,7 +155,14 @@ def _hostile_folder(root):
 def test_shard_processes_or_lists_every_hostile_file(tmp_path, monkeypatch):
     root = tmp_path / "data"
     processed, failing, skipped = _hostile_folder(root)
-    out = str(tmp_path / "out")
+    ckpt = make_checkpoint(tmp_path / "tiny.pt", num_classes=2)
+    cfg = Config(
+        dataset=DatasetConfig(root=str(root)), model=ModelConfig(checkpoint=ckpt, arch="tiny_resnet"),
+        preprocess=PreprocessConfig(resize=36, crop=32, max_pixels=100_000), compute=ComputeConfig(batch_size=4, shard_size=100),
+        output=str(tmp_path / "out"),
+    )
+    run = local_run(cfg, [Activations()])
+    out = run.build
     summary = plan.write_plan(str(root), out, shard_size=100)
     recorded = plan.plan_skipped(out)
     assert summary["skipped"] == recorded["count"] == len(skipped)
@@ -171,11 +180,8 @@ def test_shard_processes_or_lists_every_hostile_file(tmp_path, monkeypatch):
         return real_cat(self, path, *args, **kwargs)
 
     monkeypatch.setattr(LocalFileSystem, "cat_file", cat_file)
-    ckpt = make_checkpoint(tmp_path / "tiny.pt", num_classes=2)
-    runner = activations.ActivationRunner(
-        ModelConfig(checkpoint=ckpt, arch="tiny_resnet"), PreprocessConfig(resize=36, crop=32, max_pixels=100_000), ComputeConfig(batch_size=4), threads=1
-    )
-    stats = [runner(t) for t in activations.shard_tasks(str(root), out, "w", runner.model, runner.preprocess)[0]]
+    runner = activations.ActivationRunner(cfg.model, cfg.preprocess, cfg.compute, threads=1)
+    stats = [runner(item.payload) for item in Activations().shards(run)]
     tables = [pq.read_table(activations.table_uri(out, s["shard"])) for s in stats]
     rows = {r["relpath"]: r for t in tables for r in t.to_pylist()}
     failed = {f["relpath"]: f["reason"] for s in stats for f in s["failures"]}
@@ -198,8 +204,12 @@ def test_shard_processes_or_lists_every_hostile_file(tmp_path, monkeypatch):
     assert all(t.schema.field("orientation").type == activations.output_schema(128).field("orientation").type for t in tables)
 
 
-def test_pixel_limit_is_part_of_the_stage_fingerprint():
-    model = ModelConfig(checkpoint="c.pt", arch="tiny_resnet")
-    default = activations.stage_fingerprint("w", model, PreprocessConfig())
-    assert default != activations.stage_fingerprint("w", model, PreprocessConfig(max_pixels=10_000))
-    assert default == activations.stage_fingerprint("w", model, PreprocessConfig(max_pixels=MAX_PIXELS))
+def test_pixel_limit_is_part_of_the_stage_fingerprint(tmp_path):
+    model = ModelConfig(checkpoint=make_checkpoint(tmp_path / "tiny.pt", num_classes=2), arch="tiny_resnet")
+
+    def stage_fingerprint(preprocess: PreprocessConfig) -> str:
+        return Activations().key(local_run(Config(model=model, preprocess=preprocess, output=str(tmp_path / "out"))))
+
+    default = stage_fingerprint(PreprocessConfig())
+    assert default != stage_fingerprint(PreprocessConfig(max_pixels=10_000))
+    assert default == stage_fingerprint(PreprocessConfig(max_pixels=MAX_PIXELS))

@@ -11,7 +11,9 @@ from torchvision.datasets import ImageFolder
 
 from salient import activations, aggregate, models, storage
 from salient import plan as planmod
-from salient.config import AggregateConfig, ComputeConfig, ModelConfig, PreprocessConfig
+from salient.config import AggregateConfig, ComputeConfig, Config, DatasetConfig, ModelConfig, PreprocessConfig
+from salient.stage import committed_result, local_run
+from salient.stages.activations import Activations
 from tests.helpers import jpeg_bytes, make_checkpoint
 
 COMPOSED = unicodedata.normalize("NFC", "é")
@@ -40,10 +42,19 @@ def base(request, tmp_path):
 
 def test_names_with_spaces_and_unicode_survive_every_stage(base, tmp_path):
     rng = np.random.default_rng(3)
-    root, out = storage.join(base, "data"), storage.join(base, "out")
+    root = storage.join(base, "data")
     for wnid, files in NAMES.items():
         for name in files:
             storage.write_bytes_atomic(storage.under(root, f"{wnid}/{name}"), jpeg_bytes(rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)))
+    ckpt = make_checkpoint(tmp_path / "tiny.pt", num_classes=3)
+    model, pre = ModelConfig(checkpoint=ckpt, arch="tiny_resnet"), PreprocessConfig(resize=36, crop=32)
+    cfg = Config(
+        dataset=DatasetConfig(root=root), model=model, preprocess=pre, compute=ComputeConfig(batch_size=4, shard_size=4),
+        output=storage.join(base, "out"),
+    )
+    stage = Activations()
+    run = local_run(cfg, [stage])
+    out = run.build
     expected = _expected_relpaths()
     if storage.is_local(root):
         oracle = ImageFolder(root)  # torchvision's own listing, for the order
@@ -57,18 +68,16 @@ def test_names_with_spaces_and_unicode_survive_every_stage(base, tmp_path):
     assert plan["relpath"] == expected
     assert plan["label"] == [sorted(NAMES).index(r.split("/")[0]) for r in expected]
 
-    ckpt = make_checkpoint(tmp_path / "tiny.pt", num_classes=3)
-    model, pre = ModelConfig(checkpoint=ckpt, arch="tiny_resnet"), PreprocessConfig(resize=36, crop=32)
-    runner = activations.ActivationRunner(model, pre, ComputeConfig(batch_size=4), threads=1)
-    todo, done = activations.shard_tasks(root, out, storage.sha256(ckpt), model, pre)
-    assert not done
-    stats = [runner(task) for task in todo]
+    runner = activations.ActivationRunner(model, pre, cfg.compute, threads=1)
+    items = stage.shards(run)
+    assert all(committed_result(run, item) is None for item in items), "nothing is committed before the runner runs"
+    stats = [runner(item.payload) for item in items]
     assert all(s["failed"] == 0 for s in stats), [s["failures"] for s in stats]
     rows = [storage.read_parquet(activations.table_uri(out, s["shard"]), ["relpath", "image_id"]).to_pydict() for s in stats]
     assert [r for part in rows for r in part["relpath"]] == expected
     assert [i for part in rows for i in part["image_id"]] == list(range(len(expected)))
 
-    uris, fp = activations.committed_shards(out, storage.sha256(ckpt), model, pre)
+    uris, fp = stage.committed(run)
     weight = models.load(ckpt, "tiny_resnet").fc_weight.numpy()
     inputs = aggregate.AggregateInputs(out, uris, weight, planmod.plan_classes(out), fp)
     aggregate.run(inputs, AggregateConfig(features_per_class=2, top_k_class=3, top_k_neuron=len(expected)))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from salient import ingest, storage
+from salient.errors import InputError
 from salient.metadata import read_class_metadata
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -279,27 +280,14 @@ def test_memory_build_pairs_and_bom(tmp_path):
     assert labels[(1, 3)]["wnid"] == "n01443537" and labels[(1, 3)]["mean_confidence"] is None
 
 
-def test_answer_files_order(tmp_path):
-    out = tmp_path / "out"
-    incoming = out / "annotations" / "incoming"
-    (incoming / "sub").mkdir(parents=True)
-    for name in ["b.csv", "a.csv", "notes.txt", ".partial.csv", "sub/c.csv", "c.csv"]:
-        (incoming / name).write_text("x")
-    extra = [str(tmp_path / "z.csv"), str(incoming / "c.csv"), str(tmp_path / "z.csv")]
-    assert ingest.answer_files(str(out), extra) == [
-        str(tmp_path / "z.csv"), str(incoming / "c.csv"), str(incoming / "a.csv"), str(incoming / "b.csv"),
-    ]
-    assert ingest.answer_files(str(tmp_path / "nothing"), ["x.csv"]) == ["x.csv"]
-
-
 def test_unusable_arguments_fail_early(tmp_path):
     path = write_csv(tmp_path / "a.csv", five_answers())
     out = str(tmp_path / "out")
-    with pytest.raises(ValueError, match="no answer files"):
+    with pytest.raises(InputError, match="no answer files"):
         ingest.ingest(out, [])
-    with pytest.raises(ValueError, match="not found"):
+    with pytest.raises(InputError, match="not found"):
         ingest.ingest(out, [path, str(tmp_path / "missing.csv")])
-    with pytest.raises(ValueError, match="more than once"):
+    with pytest.raises(InputError, match="more than once"):
         ingest.ingest(out, [path, path])
     with pytest.raises(ValueError, match="min_answers"):
         ingest.ingest(out, [path], min_answers=0)

@@ -7,11 +7,13 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from salient import masks, models, storage
+from salient import builds, models, preflight, storage
 from salient.aggregate import TOPK_CLASS_TABLE
-from salient.config import GeneralizeConfig, ModelConfig, PreprocessConfig
+from salient.config import ComputeConfig, Config, DatasetConfig, GeneralizeConfig, ModelConfig, PreprocessConfig
 from salient.dataset import SalientDataset, SalientMasks, export_reference
 from salient.ingest import LABELS_TABLE
+from salient.stage import Run, committed_result, local_run
+from salient.stages.generalize import Generalize
 from tests.helpers import make_checkpoint, make_image_folder
 from tests.salient.test_nam import _bilinear_half_pixel
 
@@ -30,14 +32,24 @@ def _active_channels(ckpt, root):
     return maps.amin(dim=(2, 3)).amin(dim=0).argsort(descending=True).tolist()
 
 
+def _config(root, output, ckpt, shard=2) -> Config:
+    return Config(
+        dataset=DatasetConfig(root=str(root)), model=ModelConfig(checkpoint=ckpt, arch="tiny_resnet"),
+        preprocess=PreprocessConfig(resize=CROP, crop=CROP), compute=ComputeConfig(batch_size=2),
+        generalize=GeneralizeConfig(images_per_pair=3, masks_per_shard=shard), output=str(output),
+    )
+
+
 def _build(tmp_path, name="out", pairs=PAIRS, k=3):
+    """Top images and labels in the current build of the output root ``tmp_path/name``; returns
+    (dataset root, build directory, checkpoint)."""
     root = tmp_path / "data"
     if not root.exists():  # shared by every output of a test
         make_image_folder(root, classes=3, per_class=4, size=(36, 40))
-    out = str(tmp_path / name)
     ckpt = str(tmp_path / "tiny.pt")
     if not os.path.exists(ckpt):
         make_checkpoint(tmp_path / "tiny.pt", num_classes=3)
+    out = local_run(_config(root, tmp_path / name, ckpt)).build
     active = _active_channels(ckpt, root)
     pairs = [(c, active[slot], lb) for c, slot, lb in pairs]
     rels = sorted(str(p.relative_to(root)) for p in root.rglob("*.JPEG"))
@@ -58,15 +70,19 @@ def _build(tmp_path, name="out", pairs=PAIRS, k=3):
 
 
 def _generalize(root, out, ckpt, shard=2):
-    cfg = GeneralizeConfig(images_per_pair=3, masks_per_shard=shard)
-    model, prep = ModelConfig(checkpoint=ckpt, arch="tiny_resnet"), PreprocessConfig(resize=CROP, crop=CROP)
-    rows = masks.plan_rows(out, cfg)
-    todo, n_blocks, fp = masks.prepare(out, root, rows, CROP, cfg, masks.stage_fingerprint("w", model, prep, cfg))
-    runner = masks.MaskRunner(model, prep, batch_size=2)
-    for block in todo:
-        runner(block)
-    masks.write_index(out, rows, n_blocks, fp)
-    return todo, n_blocks
+    """The generalize stage on the build directory ``out`` in this process: its blocks not committed
+    yet run by the mask runner, then the index; returns the blocks run and the number of blocks."""
+    stage = Generalize()
+    cfg = _config(root, os.path.dirname(os.path.dirname(out)), ckpt, shard)
+    run = Run(cfg, builds.Layout(cfg.output, os.path.basename(out)), preflight.for_stages(cfg, [stage]))
+    items = stage.plan(run)
+    done = {item.marker: committed_result(run, item) for item in items}
+    todo = [item for item in items if done[item.marker] is None]
+    runner = stage.worker(run)(None)
+    for item in todo:
+        done[item.marker] = runner(item.payload)
+    stage.commit(run, [(item, done[item.marker], "computed" if item in todo else "build") for item in items])
+    return [item.payload for item in todo], len(items)
 
 
 def _expected(ckpt, root, relpath, feature):

@@ -14,11 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from salient import images, masks, models, storage
+from salient import builds, images, masks, models, preflight, storage
 from salient.aggregate import TOPK_CLASS_TABLE
-from salient.config import GeneralizeConfig, ModelConfig, PreprocessConfig
+from salient.config import ComputeConfig, Config, DatasetConfig, GeneralizeConfig, ModelConfig, PreprocessConfig
 from salient.dataset import SalientMasks
 from salient.ingest import LABELS_SCHEMA, LABELS_TABLE
+from salient.stage import Run, committed_result
+from salient.stages.generalize import Generalize
 from tests.helpers import jpeg_bytes, make_checkpoint
 
 RESIZE, CROP = 72, 64  # tiny_resnet: an 8x8 last conv stage at 64 px
@@ -29,15 +31,16 @@ IMAGES_PER_CLASS = 3
 PAIRS = [(0, "core", "core"), (0, "spurious", "background"), (1, "spurious", "separate_object"), (2, "insufficient", None)]
 
 
-def _write_world(base: str, tmp_path: Path) -> tuple[str, str, list[tuple[int, int, str, str | None]]]:
-    """JPEGs, a random tiny_resnet checkpoint, ``topk/class.parquet`` and ``annotations/labels.parquet``
-    under ``base``; returns (dataset root, checkpoint URI, pairs as (class, feature, label, kind)).
+def _write_world(base: str, out: str, tmp_path: Path) -> tuple[str, str, list[tuple[int, int, str, str | None]]]:
+    """JPEGs and a random tiny_resnet checkpoint under ``base``, ``topk/class.parquet`` and
+    ``annotations/labels.parquet`` in the build directory ``out``; returns (dataset root, checkpoint
+    URI, pairs as (class, feature, label, kind)).
 
     Each pair's feature is one of the channels most active on these images, so its masks are not
     all zero with random weights.
     """
     rng = np.random.default_rng(7)
-    root, out = storage.join(base, "data"), storage.join(base, "out")
+    root = storage.join(base, "data")
     rels = [f"n{c:04d}/img_{i}.JPEG" for c in range(3) for i in range(IMAGES_PER_CLASS)]
     for rel in rels:
         storage.write_bytes_atomic(storage.under(root, rel), jpeg_bytes(rng.integers(0, 256, (80, 96, 3), dtype=np.uint8)))
@@ -96,21 +99,31 @@ def test_plain_s3_uris_reach_the_test_server(s3_server):
 @pytest.mark.slow
 def test_masks_round_trip_through_s3(s3_server, tmp_path):
     base = f"s3://{s3_server.bucket}/{uuid.uuid4().hex}"
-    root, ckpt, pairs = _write_world(base, tmp_path)
-    out = storage.join(base, "out")
-    cfg = GeneralizeConfig(images_per_pair=TOP, masks_per_shard=SHARD)
-    model, pre = ModelConfig(checkpoint=ckpt, arch="tiny_resnet", format="robustness"), PreprocessConfig(resize=RESIZE, crop=CROP)
+    layout = builds.open_current(storage.join(base, "out"))
+    out = layout.build
+    root, ckpt, pairs = _write_world(base, out, tmp_path)
+    cfg = Config(
+        dataset=DatasetConfig(root=root), model=ModelConfig(checkpoint=ckpt, arch="tiny_resnet", format="robustness"),
+        preprocess=PreprocessConfig(resize=RESIZE, crop=CROP), compute=ComputeConfig(batch_size=2),
+        generalize=GeneralizeConfig(images_per_pair=TOP, masks_per_shard=SHARD), output=layout.root,
+    )
+    stage = Generalize()
+    run = Run(cfg, layout, preflight.for_stages(cfg, [stage]))
 
-    rows = masks.plan_rows(out, cfg)
+    rows = masks.plan_rows(out, cfg.generalize)
     n = rows.num_rows
     assert n == TOP * sum(label in ("core", "spurious") for _, _, label, _ in pairs)
-    stage_fp = masks.stage_fingerprint(storage.sha256(ckpt), model, pre, cfg)
-    todo, n_blocks, index_fp = masks.prepare(out, root, rows, CROP, cfg, stage_fp)
+    items = stage.plan(run)
+    todo = [item for item in items if committed_result(run, item) is None]
+    n_blocks = len(items)
     assert n_blocks == len(todo) == math.ceil(n / SHARD) > 1
-    runner = masks.MaskRunner(model, pre, batch_size=2, threads=1, device="cpu")
-    for block in todo:
-        assert runner(block)["masks"] == len(block.relpaths)
-    masks.write_index(out, rows, n_blocks, index_fp)
+    runner = masks.MaskRunner(cfg.model, cfg.preprocess, batch_size=2, threads=1, device="cpu")
+    results = []
+    for item in todo:
+        result = runner(item.payload)
+        assert result["masks"] == len(item.payload.relpaths)
+        results.append((item, result, "computed"))
+    stage.commit(run, results)
 
     net = models.load(ckpt, "tiny_resnet", "robustness")
     store = SalientMasks(out)

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from salient import study, storage
+from salient.errors import InputError
 from salient.metadata import ClassInfo
 
 RESIZE = CROP = 8  # images are 8 wide and 10 high: no resize, the crop keeps rows 1..8
@@ -202,13 +203,13 @@ def test_rerun_remakes_only_changed_pairs(tmp_path):
 
 
 def test_export_errors(tmp_path):
-    with pytest.raises(ValueError, match="run `salient generalize CONFIG` first"):
+    with pytest.raises(InputError, match="run `salient generalize CONFIG` first"):
         study.export_study(str(tmp_path / "nothing"), str(tmp_path), RESIZE, CROP)
     root, out = make_world(tmp_path)
     with pytest.raises(ValueError, match="images_per_side"):
         study.export_study(out, root, RESIZE, CROP, images_per_side=0)
     (tmp_path / "root" / WNIDS[0] / f"{WNIDS[0]}_2.JPEG").write_bytes(b"")
-    with pytest.raises(ValueError, match=f"cannot read image .*{WNIDS[0]}_2.JPEG"):
+    with pytest.raises(InputError, match=f"cannot read image .*{WNIDS[0]}_2.JPEG"):
         study.export_study(out, root, RESIZE, CROP)
 
 
@@ -331,11 +332,11 @@ def test_answer_files_and_ingest_errors(tmp_path):
     ]
     empty = str(tmp_path / "empty")
     assert study.study_answer_files(empty) == []
-    with pytest.raises(ValueError, match="study_incoming"):
+    with pytest.raises(InputError, match="study_incoming"):
         study.ingest_study(empty, study.study_answer_files(empty))
-    with pytest.raises(ValueError, match="not found"):
+    with pytest.raises(InputError, match="not found"):
         study.ingest_study(out, [extra])
-    with pytest.raises(ValueError, match="more than once"):
+    with pytest.raises(InputError, match="more than once"):
         study.ingest_study(out, [str(incoming / "a.csv")] * 2)
-    with pytest.raises(ValueError, match="classes is empty"):
+    with pytest.raises(InputError, match="classes is empty"):
         study.ingest_study(out, [str(incoming / "a.csv")], {})

@@ -10,7 +10,10 @@ import pytest
 
 from salient import activations
 from salient import plan as planmod
+from salient.errors import Unreachable
 from salient.resources import WorkerResources
+from salient.stage import committed_result, local_run
+from salient.stages.activations import Activations
 from tests.helpers import read_activation_rows
 
 class _KillMidShard:
@@ -34,15 +37,17 @@ def test_killed_worker_loses_and_duplicates_nothing(activation_world, tmp_path, 
     from tasks.ray_pool import run_pool
 
     cfg, planned = activation_world
-    planmod.write_plan(cfg.dataset.root, cfg.output, cfg.compute.shard_size)
-    todo, done = activations.shard_tasks(cfg.dataset.root, cfg.output, "w", cfg.model, cfg.preprocess)
-    assert len(todo) == 6 and not done  # classes of 8, 9 and 8 images in runs of 5
+    run = local_run(cfg)
+    planmod.write_plan(cfg.dataset.root, run.build, cfg.compute.shard_size)
+    items = Activations().shards(run)
+    todo = [item.payload for item in items if committed_result(run, item) is None]
+    assert len(todo) == len(items) == 6  # classes of 8, 9 and 8 images in runs of 5, none done
     marker = str(tmp_path / "killed-once")
     result = run_pool(
         functools.partial(_killing_builder, cfg, marker), todo, WorkerResources(2, 0.0, 1.0), max_attempts=2
     )
     assert os.path.exists(marker) and result.replaced_workers == 1 and not result.failed
-    table = read_activation_rows(cfg.output)
+    table = read_activation_rows(run.build)
     rels = table.column("relpath").to_pylist()
     assert len(rels) == len(set(rels)) == 24
     stats = sorted(result.results, key=lambda s: s["shard"])
@@ -78,8 +83,9 @@ def test_two_gpu_workers_run_concurrently_on_their_own_devices(activation_world,
     cluster = ray_session.cluster_resources()
     res = plan_workers(cfg.compute, cluster["CPU"], cluster["GPU"])
     assert (res.workers, res.gpus_per_worker) == (2, 1.0)
-    planmod.write_plan(cfg.dataset.root, cfg.output, cfg.compute.shard_size)
-    todo, _ = activations.shard_tasks(cfg.dataset.root, cfg.output, "w", cfg.model, cfg.preprocess)
+    run = local_run(cfg)
+    planmod.write_plan(cfg.dataset.root, run.build, cfg.compute.shard_size)
+    todo = [item.payload for item in Activations().shards(run)]
     folder = tmp_path / "inside"
     folder.mkdir()
     result = run_pool(functools.partial(_rendezvous_builder, cfg, str(folder), res.threads), todo[:2], res, max_attempts=1)
@@ -124,7 +130,9 @@ def test_unreachable_ray_address_fails_within_the_connect_timeout():
     elapsed = time.monotonic() - start
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"ConnectionError: compute.ray_address = '127.0.0.1:{port}': nothing accepted a connection")
+    # salient.errors.Unreachable: the ConnectionError that names a configured service accepting no connection
+    assert issubclass(Unreachable, ConnectionError)
+    assert last.startswith(f"salient.errors.Unreachable: compute.ray_address = '127.0.0.1:{port}': nothing accepted a connection")
     assert "within 2 s" in last and "ray start --head" in last and "compute.ray_connect_timeout_s" in last
     assert elapsed < 60, f"took {elapsed:.0f} s, start-up included"
 
@@ -142,28 +150,28 @@ def _gpu_request() -> list[dict] | None:
 
 def test_a_gpu_stage_asks_the_autoscaler_for_its_gpus_and_withdraws_the_request(ray_session):
     from salient import config
-    from tasks.ray_pool import compute_cluster
+    from tasks.ray_pool import RayExecutor
 
     cfg = config.load(None, ["compute.request_gpus=2", "compute.cpus_per_worker=0.5"])
-    with compute_cluster(cfg.compute) as totals:
+    with RayExecutor(cfg.compute) as ex, ex.gpus(True) as totals:
         assert totals["GPU"] == 2  # the session's Ray declares two: nothing to wait for
         assert _gpu_request() == [{"GPU": 1.0, "CPU": 0.5}] * 2
     assert _gpu_request() == []
-    with compute_cluster(cfg.compute, uses_gpus=False):
+    with RayExecutor(cfg.compute) as ex, ex.gpus(uses_gpus=False):
         assert _gpu_request() == [], "a CPU stage asks for nothing"
     half = config.load(None, ["compute.request_gpus=2", "compute.gpus_per_worker=0.5"])
-    with compute_cluster(half.compute):
+    with RayExecutor(half.compute) as ex, ex.gpus(True):
         assert _gpu_request() == [{"GPU": 0.5}] * 4
     assert _gpu_request() == []
 
 
 def test_a_stage_runs_on_the_gpus_that_arrived_when_the_wait_is_over(ray_session, caplog):
     from salient import config
-    from tasks.ray_pool import compute_cluster
+    from tasks.ray_pool import RayExecutor
 
     cfg = config.load(None, ["compute.request_gpus=3", "compute.scale_up_timeout_s=0.5"])
     t0 = time.monotonic()
-    with caplog.at_level("INFO", logger="salient.pool"), compute_cluster(cfg.compute) as totals:
+    with caplog.at_level("INFO", logger="salient.pool"), RayExecutor(cfg.compute) as ex, ex.gpus(True) as totals:
         assert _gpu_request() == [{"GPU": 1.0}] * 3
     assert 0.5 <= time.monotonic() - t0 < 10
     assert totals["GPU"] == 2

@@ -1,0 +1,391 @@
+"""Human answers in the paper's CSV schema (docs/design.md §2 "Annotation"): where answer files are, how
+a file is read, which rows count, and the ledger that keeps them.
+
+An answer file is a UTF-8 CSV with a header row naming at least :data:`REQUIRED_COLUMNS`. A file
+that cannot be read as such (another encoding, binary data, broken quoting, no header) is rejected
+whole; otherwise every row is checked on its own, and a bad row is rejected with a reason and never
+counts. Each worker's first answer to a (class, feature) pair counts; a later one is rejected.
+Reading, checking and the ledger are shared by the discovery ingest (:mod:`salient.ingest`), the
+generalisation study (:mod:`salient.study`) and the annotation app (:mod:`salient.app`).
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import math
+import posixpath
+import re
+import threading
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import pyarrow as pa
+
+from salient import storage
+from salient.errors import InputError
+
+ANSWER_COLUMNS = (
+    "WorkerId",
+    "Input.wordnet_id",
+    "Input.class_index",
+    "Input.feature_index",
+    "Input.feature_rank",
+    "Answer.main",
+    "Answer.confidence",
+    "Answer.reasons",
+)
+# Input.wordnet_id, Input.feature_rank and Answer.reasons may be absent; the rest is needed per row.
+REQUIRED_COLUMNS = ("WorkerId", "Input.class_index", "Input.feature_index", "Answer.main", "Answer.confidence")
+
+ANSWERS = ("main_object", "separate_object", "background")
+CONFIDENCE_MIN, CONFIDENCE_MAX = 1.0, 5.0
+
+REASON_KINDS = (
+    "unknown_answer",
+    "missing_id",
+    "non_integer_id",
+    "class_out_of_range",
+    "wnid_mismatch",
+    "non_numeric_confidence",
+    "confidence_out_of_range",
+    "duplicate_answer",
+    "missing_worker",
+    "field_too_large",
+    "missing_columns",
+    "unreadable_file",
+)
+
+INCOMING = "annotations/incoming"
+
+MAX_FIELD_CHARS = 1_000_000
+MAX_ID = 2**31 - 1  # ids are stored as int32, like the aggregate tables
+
+ANSWERS_SCHEMA = pa.schema([
+    ("class_index", pa.int32()),
+    ("wnid", pa.string()),
+    ("feature_index", pa.int32()),
+    ("feature_rank", pa.int32()),
+    ("worker_id", pa.string()),
+    ("answer", pa.string()),
+    ("confidence", pa.float64()),
+    ("reason", pa.string()),
+    ("file", pa.string()),
+    ("line", pa.int64()),
+])
+REJECTED_SCHEMA = pa.schema([
+    ("file", pa.string()),
+    ("line", pa.int64()),
+    ("reason", pa.string()),
+    ("reason_kind", pa.string()),
+    ("raw", pa.string()),
+])
+
+_INTEGER = re.compile(r"[0-9]+(?:\.0*)?")  # "3" and "3.0"; no sign, exponent or fraction
+
+
+def answer_files(root: str, extra: Sequence[str] = (), folder: str = INCOMING) -> list[str]:
+    """The answer files to ingest: ``extra`` in the given order, then every ``*.csv`` directly under
+    ``<root>/<folder>/`` (``root`` is the output root; ``folder`` defaults to ``annotations/incoming/``)
+    by name; a file named twice is kept once, at its first place."""
+    incoming = storage.join(root, folder)
+    fs, path = storage.url_to_fs(incoming)
+    found: list[str] = []
+    if fs.isdir(path):
+        names = (posixpath.basename(e["name"].rstrip("/")) for e in fs.ls(path, detail=True) if e["type"] == "file")
+        found = [storage.join(incoming, n) for n in sorted(n for n in names if n.endswith(".csv") and not n.startswith("."))]
+    seen: set[str] = set()
+    files = []
+    for uri in [*extra, *found]:
+        key = storage.normalize_uri(uri)
+        if key not in seen:
+            seen.add(key)
+            files.append(uri)
+    return files
+
+
+def check_inputs(root: str, answer_uris: Sequence[str], classes: Mapping[int, str] | None, folder: str, how: str) -> None:
+    """Raise :class:`InputError` for an empty output root, no, repeated or missing answer files, or empty classes.
+
+    ``how`` tells how to give answer files; ``folder`` (under the output root ``root``) is where
+    dropped files are picked up."""
+    if not root:
+        raise InputError("root is empty; give the output root (a path or URI)")
+    if not answer_uris:
+        raise InputError(f"no answer files to ingest: {how} under {storage.join(root, folder)}/")
+    repeated = sorted(u for u, n in Counter(answer_uris).items() if n > 1)
+    if repeated:
+        raise InputError(f"answer files listed more than once: {', '.join(repeated)}; list each file once")
+    missing = [u for u in answer_uris if not storage.exists(u)]
+    if missing:
+        raise InputError(f"answer files not found: {', '.join(missing)}; check the paths and {storage.join(root, folder)}/")
+    if classes is not None and not classes:
+        raise InputError("classes is empty; pass None to skip the class check, or the dataset's classes")
+
+
+class Rejected(Exception):
+    """A row or a file that does not count: ``kind`` is one of :data:`REASON_KINDS`, ``reason`` says why."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One accepted answer: the pair, who answered what, and where it was read (file and first line)."""
+
+    class_index: int
+    wnid: str | None
+    feature_index: int
+    feature_rank: int | None
+    worker_id: str
+    answer: str
+    confidence: float
+    reason: str
+    file: str
+    line: int
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """One rejected row (``line`` its first line) or file (``line`` 0 or the header's line), with the
+    reason; ``raw`` is the row's cells by column as JSON, None when there is no row to show."""
+
+    file: str
+    line: int
+    reason: str
+    reason_kind: str
+    raw: str | None
+
+
+_FIELD_LIMIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _field_limit(limit: int) -> Iterator[None]:
+    # The csv field size limit is process-wide; restore it so other readers keep their own.
+    with _FIELD_LIMIT_LOCK:
+        previous = csv.field_size_limit(limit)
+        try:
+            yield
+        finally:
+            csv.field_size_limit(previous)
+
+
+def _records(text: str) -> Iterator[tuple[int, list[str] | None]]:
+    """(first line, cells) of each CSV record; cells None for a record with a field longer than
+    :data:`MAX_FIELD_CHARS`. Run under a field limit above ``len(text)``: an oversized field is read
+    whole, so what follows it is read as the records it is, never as text cut out of that field."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    previous = 0
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise Rejected("unreadable_file", f"not valid CSV at line {reader.line_num}: {exc}") from None
+        start, previous = previous + 1, reader.line_num
+        if any(len(cell) > MAX_FIELD_CHARS for cell in row):
+            yield start, None
+        elif any(cell.strip() for cell in row):
+            yield start, row
+
+
+# UTF-32 first: its little-endian mark begins with UTF-16's.
+_WIDE_BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"),
+)
+
+
+def _line_of(data: bytes, offset: int) -> int:
+    return data.count(b"\n", 0, offset) + 1
+
+
+def _decode(data: bytes) -> str:
+    """The text of a UTF-8 file (a UTF-8 byte-order mark is dropped); :class:`Rejected` for any other encoding."""
+    for bom, name in _WIDE_BOMS:
+        if data.startswith(bom):
+            raise Rejected("unreadable_file", f"the file is {name} (it starts with a {name} byte-order mark); save it as UTF-8 CSV")
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise Rejected(
+            "unreadable_file",
+            f"byte {nul} (line {_line_of(data, nul)}) is a NUL byte: the file is binary, or UTF-16 "
+            "without a byte-order mark; save it as UTF-8 CSV",
+        )
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise Rejected(
+            "unreadable_file",
+            f"byte {exc.start} (line {_line_of(data, exc.start)}) is not UTF-8 (the file may be Latin-1, "
+            "Windows-1252 or binary); save it as UTF-8 CSV",
+        ) from None
+
+
+def _parse_id(column: str, text: str, minimum: int = 0) -> int:
+    if not text:
+        raise Rejected("missing_id", f"{column} is empty")
+    if not _INTEGER.fullmatch(text):
+        raise Rejected("non_integer_id", f"{column} {text!r} is not a non-negative integer")
+    value = int(text.split(".")[0])
+    if not minimum <= value <= MAX_ID:
+        raise Rejected("non_integer_id", f"{column} {text!r} is outside {minimum}..{MAX_ID}")
+    return value
+
+
+@dataclass
+class Ledger:
+    """Accepted answers and rejected rows of the answer files read, in file order then line order.
+
+    ``classes`` maps class_index to wnid (None: no class check; then a class keeps the first wnid
+    it was given with). A subclass may override :meth:`validate` and :attr:`columns` for answers of
+    another kind.
+    """
+
+    columns: ClassVar[Sequence[str]] = ANSWER_COLUMNS  # the expected header, named in messages
+
+    classes: Mapping[int, str] | None = None
+    accepted: list[Answer] = field(default_factory=list, init=False)
+    rejected: list[Rejection] = field(default_factory=list, init=False)
+    rows: int = field(default=0, init=False)  # answer rows read, header rows not counted
+    digests: list[tuple[str, str]] = field(default_factory=list, init=False)  # (uri, SHA-256) of each file read
+    _wnid_of: dict[int, tuple[str, str, int]] = field(default_factory=dict, init=False, repr=False)
+    _first_answer: dict[tuple[str, int, int], tuple[str, int]] = field(default_factory=dict, init=False, repr=False)
+
+    @property
+    def wnids(self) -> Mapping[int, str]:
+        """class_index -> wnid: ``classes``, or without them the wnid each class was first given with."""
+        if self.classes is not None:
+            return self.classes
+        return {c: w for c, (w, _, _) in self._wnid_of.items()}
+
+    def rejected_by_reason(self) -> dict[str, int]:
+        """How many rows and files were rejected, per reason kind, by kind name."""
+        return dict(sorted(Counter(r.reason_kind for r in self.rejected).items()))
+
+    def reject(self, file: str, line: int, kind: str, reason: str, raw: Any = None) -> None:
+        """List a rejected row or file; ``raw`` is what to show of it (kept as JSON)."""
+        self.rejected.append(Rejection(file, line, reason, kind, None if raw is None else json.dumps(raw, ensure_ascii=False)))
+
+    def read(self, uri: str) -> None:
+        """Check every row of the answer file at ``uri`` into the ledger; a file that cannot be read
+        is one rejected entry."""
+        data = storage.read_bytes(uri)
+        self.digests.append((uri, hashlib.sha256(data).hexdigest()))
+        try:
+            text = _decode(data)
+            with _field_limit(len(text) + 1):
+                records = list(_records(text))
+        except Rejected as exc:
+            self.reject(uri, 0, exc.kind, f"{exc.reason}; no row of this file was used")
+            return
+        expected = ", ".join(self.columns)
+        header_line, header_cells = records[0] if records else (1, None)
+        if header_cells is None:
+            why = f"the header row has a field longer than {MAX_FIELD_CHARS:,} characters" if records else "the file is empty"
+            self.reject(uri, header_line, "missing_columns", f"{why}; expected a header row with the columns {expected}")
+            return
+        header = [h.strip() for h in header_cells]
+        missing = [c for c in REQUIRED_COLUMNS if c not in header]
+        if missing:
+            self.reject(
+                uri, header_line, "missing_columns",
+                f"missing columns {', '.join(missing)}; expected the columns {expected}", header,
+            )
+            return
+        position = {name: i for i, name in reversed(list(enumerate(header)))}
+        for line, row in records[1:]:
+            self.rows += 1
+            if row is None:
+                self.reject(uri, line, "field_too_large", f"a field is longer than {MAX_FIELD_CHARS:,} characters; the row was not used")
+                continue
+            cells = {name: row[i].strip() if i < len(row) else "" for name, i in position.items()}
+            try:
+                self.accepted.append(self.validate(cells, uri, line))
+            except Rejected as exc:
+                raw: dict[str, Any] = dict(zip(header, row))
+                if len(row) > len(header):
+                    raw["_extra"] = row[len(header):]
+                self.reject(uri, line, exc.kind, exc.reason, raw)
+
+    def validate(self, cells: Mapping[str, str], file: str, line: int) -> Answer:
+        """The answer in one row's ``cells`` (column -> stripped text) at ``file``:``line``, taken as
+        the worker's answer to its pair; :class:`Rejected` if the row does not count."""
+        worker = cells.get("WorkerId", "")
+        if not worker:
+            raise Rejected("missing_worker", "WorkerId is empty")
+        class_index = _parse_id("Input.class_index", cells.get("Input.class_index", ""))
+        feature_index = _parse_id("Input.feature_index", cells.get("Input.feature_index", ""))
+        rank_text = cells.get("Input.feature_rank", "")
+        feature_rank = _parse_id("Input.feature_rank", rank_text, minimum=1) if rank_text else None
+        wnid = cells.get("Input.wordnet_id", "") or None
+        classes = self.classes
+        if classes is not None:
+            if class_index not in classes:
+                raise Rejected("class_out_of_range", f"Input.class_index {class_index} is not a class of this dataset")
+            if wnid is not None and wnid != classes[class_index]:
+                raise Rejected(
+                    "wnid_mismatch",
+                    f"Input.wordnet_id {wnid!r} is not {classes[class_index]!r}, the wnid of class {class_index}",
+                )
+            wnid = classes[class_index]
+        elif class_index in self._wnid_of:
+            known, known_file, known_line = self._wnid_of[class_index]
+            if wnid is not None and wnid != known:
+                raise Rejected(
+                    "wnid_mismatch",
+                    f"Input.wordnet_id {wnid!r} differs from {known!r} given for class {class_index} at {known_file}:{known_line}",
+                )
+            wnid = known
+        answer = cells.get("Answer.main", "")
+        if answer not in ANSWERS:
+            raise Rejected("unknown_answer", f"Answer.main {answer!r} is not one of {', '.join(ANSWERS)}")
+        confidence_text = cells.get("Answer.confidence", "")
+        try:
+            confidence = float(confidence_text)
+        except ValueError:
+            confidence = math.nan
+        if not math.isfinite(confidence):
+            raise Rejected("non_numeric_confidence", f"Answer.confidence {confidence_text!r} is not a number")
+        if not CONFIDENCE_MIN <= confidence <= CONFIDENCE_MAX:
+            raise Rejected(
+                "confidence_out_of_range",
+                f"Answer.confidence {confidence_text!r} is outside {CONFIDENCE_MIN:g}..{CONFIDENCE_MAX:g}",
+            )
+        key = (worker, class_index, feature_index)
+        if key in self._first_answer:
+            first_file, first_line = self._first_answer[key]
+            raise Rejected(
+                "duplicate_answer",
+                f"worker {worker!r} already answered class {class_index} feature {feature_index} at {first_file}:{first_line}",
+            )
+        self._first_answer[key] = (file, line)
+        if classes is None and wnid is not None:
+            self._wnid_of.setdefault(class_index, (wnid, file, line))
+        return Answer(
+            class_index, wnid, feature_index, feature_rank, worker, answer, confidence,
+            cells.get("Answer.reasons", ""), file, line,
+        )
+
+    def accepted_table(self, schema: pa.Schema = ANSWERS_SCHEMA) -> pa.Table:
+        """The accepted answers as a table of ``schema``'s columns (some of :data:`ANSWERS_SCHEMA`'s)."""
+        return _table(self.accepted, schema)
+
+    def rejected_table(self) -> pa.Table:
+        """The rejected rows and files as a table of :data:`REJECTED_SCHEMA`."""
+        return _table(self.rejected, REJECTED_SCHEMA)
+
+
+def _table(records: Sequence[Answer | Rejection], schema: pa.Schema) -> pa.Table:
+    return pa.table({name: [getattr(r, name) for r in records] for name in schema.names}, schema=schema)

@@ -1,0 +1,328 @@
+"""How every stage runs: the :class:`Stage` type, the :class:`Run` it runs in, the executors that
+spread its work, and the one cache lookup and copy around all of it.
+
+A stage plans its work as :class:`Item` s. Each item is content-addressed: its ``key`` is a
+fingerprint of the stage's code version, the whole config sections that can change its output
+(:func:`salient.config.identity`), and the item's own inputs. :func:`execute` runs a stage the
+same way for every stage:
+
+1. ``plan`` lists the items;
+2. an item whose commit marker in the build names its fingerprint is done; else an item whose key
+   is in the output root's cache is restored from there; else it is to do;
+3. ``compute`` runs the items to do (on the run's executor, or in this process) and each finished
+   item is kept in the cache at once, so a stopped run loses nothing it finished;
+4. ``commit`` writes the stage's tables from every item's result and returns its summary.
+
+Nothing here imports Prefect or Ray: an :class:`Executor` is handed in (the Ray one lives in
+``tasks/ray_pool.py``; :class:`LocalExecutor` runs everything in this process).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from salient import builds, storage, tables
+from salient.config import Config, identity
+from salient.preflight import Preflight
+
+log = logging.getLogger("salient.stage")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One unit of a stage's work.
+
+    ``key`` names its cache entry: everything its files depend on. ``marker`` is the JSON file,
+    relative to the build, that the work writes last, holding ``fingerprint`` and its result;
+    ``fingerprint`` (default: ``key``) is what that marker must name for the item to count as done
+    in this build. ``files`` are the other files it writes (relative to the build); ``payload`` is
+    what the worker is given; ``size`` weighs it on the progress bar.
+    """
+
+    key: str
+    marker: str
+    files: tuple[str, ...] = ()
+    payload: Any = None
+    label: str = ""
+    size: int = 1
+    fingerprint: str | None = None
+
+    @property
+    def commit_fingerprint(self) -> str:
+        return self.fingerprint or self.key
+
+
+@dataclass
+class PoolResult:
+    """What a pool of workers did: results in the order they finished, items that failed every
+    attempt with the last reason, workers replaced after dying, and who the workers were."""
+
+    results: list[Any] = field(default_factory=list)
+    failed: list[tuple[Any, str]] = field(default_factory=list)
+    replaced_workers: int = 0
+    workers: list[dict[str, Any]] = field(default_factory=list)
+
+
+# A worker is built once where it runs, from the number of CPU threads it may use.
+Builder = Callable[[int | None], Callable[[Any], Any]]
+OnResult = Callable[[Any, Any], None]
+
+
+class Executor(Protocol):
+    """Where a stage's work runs."""
+
+    def pool(
+        self, builder: Builder, payloads: Sequence[Any], *, uses_gpus: bool = True,
+        on_result: OnResult | None = None, max_attempts: int = 3,
+    ) -> PoolResult:
+        """Run every payload on workers built by ``builder``, each at most ``max_attempts`` times;
+        ``on_result(payload, result)`` is called as each one finishes."""
+        ...
+
+    def map(self, fn: Callable[..., Any], args: Sequence[tuple]) -> Iterator[Any]:
+        """``fn(*a)`` for each ``a``, as independent tasks, yielding results as they finish."""
+        ...
+
+
+def reason_of(exc: BaseException) -> str:
+    """One line about an exception: its type and the last line of its message."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1] if text else ''}"[:500]
+
+
+class LocalExecutor:
+    """Runs work in this process, one item at a time: for libraries, notebooks and tests."""
+
+    def pool(
+        self, builder: Builder, payloads: Sequence[Any], *, uses_gpus: bool = True,
+        on_result: OnResult | None = None, max_attempts: int = 3,
+    ) -> PoolResult:
+        out = PoolResult()
+        if not payloads:
+            return out
+        fn = builder(None)
+        for payload in payloads:
+            for attempt in range(1, max_attempts + 1):
+                try:
+                    result = fn(payload)
+                except Exception as exc:  # noqa: BLE001 -- an item's failure is retried, then reported
+                    if attempt == max_attempts:
+                        out.failed.append((payload, reason_of(exc)))
+                    continue
+                out.results.append(result)
+                if on_result is not None:
+                    on_result(payload, result)
+                break
+        return out
+
+    def map(self, fn: Callable[..., Any], args: Sequence[tuple]) -> Iterator[Any]:
+        for a in args:
+            yield fn(*a)
+
+
+@dataclass
+class Run:
+    """One command's run: the config, the build it reads and writes, what the pre-flight read,
+    the executor, and the log to report to."""
+
+    config: Config
+    layout: builds.Layout
+    preflight: Preflight
+    executor: Executor = field(default_factory=LocalExecutor)
+    log: logging.Logger | logging.LoggerAdapter = log
+
+    @property
+    def root(self) -> str:
+        """The output root (the config's ``output``)."""
+        return self.layout.root
+
+    @property
+    def build(self) -> str:
+        """The build directory this run reads and writes."""
+        return self.layout.build
+
+    def identity(self, *sections: str) -> dict[str, Any]:
+        """What of the named config sections can change an output (for cache keys)."""
+        return {s: identity(getattr(self.config, s), self.preflight.digest) for s in sections if getattr(self.config, s) is not None}
+
+
+class StageFailed(RuntimeError):
+    """Items of a stage failed every attempt."""
+
+
+class Stage:
+    """One stage of a build. Subclasses set the class attributes and override what they need;
+    see docs/stages.md."""
+
+    name: ClassVar[str]
+    help: ClassVar[str]  # one line for the command line
+    code_version: ClassVar[str]  # bump when the code changes what the stage writes
+    requires: ClassVar[tuple[str, ...]] = ("output",)  # config parts the pre-flight checks
+    sections: ClassVar[tuple[str, ...]] = ()  # config sections that can change the stage's outputs
+    needs_discovery: ClassVar[bool] = False  # needs a ResNet-like model (last conv stage, final linear layer)
+    uses_gpus: ClassVar[bool] = False
+    retries: ClassVar[int] = 1  # orchestrator retries of the whole stage
+    max_attempts: ClassVar[int] = 3  # attempts per item
+
+    def applies(self, config: Config) -> bool:
+        """Whether a full rebuild with ``config`` runs this stage."""
+        return True
+
+    def check(self, config: Config, found: Preflight) -> list[str]:
+        """Pre-flight problems of this stage's own, beyond the sections in ``requires``."""
+        return []
+
+    def key(self, run: Run, *inputs: Any) -> str:
+        """The fingerprint of this stage's code, its config sections and ``inputs``."""
+        return storage.fingerprint(self.name, self.code_version, run.identity(*self.sections), *inputs)
+
+    def whole(self, key: str, files: Sequence[str], payload: Any = None) -> Item:
+        """The single item of a stage that makes all its files at once, in this process."""
+        return Item(key, tables.stage_marker(self.name), tuple(files), payload, self.name)
+
+    def plan(self, run: Run) -> list[Item]:
+        """The stage's items; none for a stage that only commits."""
+        return []
+
+    def worker(self, run: Run) -> Builder | None:
+        """A picklable builder of the worker that makes one item's files from its payload and
+        returns its result (a JSON-able dict); None runs :meth:`make` in this process instead."""
+        return None
+
+    def make(self, run: Run, item: Item) -> dict:
+        """Make one item's files in this process (stages without a worker); returns its result.
+        The item's marker is written from the result afterwards."""
+        raise NotImplementedError(f"stage {self.name} has neither a worker nor make()")
+
+    def compute(self, run: Run, todo: list[Item], done: Callable[[Item, dict], None]) -> None:
+        """Make every item of ``todo``, calling ``done(item, result)`` as each is finished."""
+        builder = self.worker(run)
+        if builder is None:
+            for item in todo:
+                result = {"fingerprint": item.commit_fingerprint, **self.make(run, item)}
+                storage.write_json(storage.join(run.build, item.marker), result)
+                done(item, result)
+            return
+        by_payload = {id(item.payload): item for item in todo}
+        result = run.executor.pool(
+            builder, [item.payload for item in todo], uses_gpus=self.uses_gpus, max_attempts=self.max_attempts,
+            on_result=lambda payload, res: done(by_payload[id(payload)], res),
+        )
+        fail(self, [(by_payload[id(p)], reason) for p, reason in result.failed])
+        if result.replaced_workers:
+            run.log.warning("%s: replaced %d dead workers", self.name, result.replaced_workers)
+
+    def restore(self, run: Run, item: Item, entry: dict) -> dict:
+        """Put a cached item in the build: its files and marker as they were kept; returns its result."""
+        for rel in entry["files"]:
+            storage.copy_file(builds.cache(run.root, self.name, item.key, rel), storage.join(run.build, rel))
+        return entry["result"]
+
+    def on_result(self, run: Run, item: Item, result: dict) -> None:
+        """Report a finished item."""
+        run.log.info("%s: %s done", self.name, item.label or item.key[:12])
+
+    def commit(self, run: Run, results: list[tuple[Item, dict, str]]) -> dict:
+        """Write the stage's tables from every item's ``(item, result, origin)``, origin being
+        ``build``, ``cache`` or ``computed``; returns the stage's summary."""
+        return {"items": len(results), "computed": sum(origin == "computed" for _, _, origin in results)}
+
+    def describe(self, summary: dict) -> str:
+        """One or a few lines about ``summary`` for the command line."""
+        return f"{self.name}: {summary}"
+
+
+def fail(stage: Stage, failed: Sequence[tuple[Item, str]]) -> None:
+    """Raise :class:`StageFailed` naming the first items of ``failed``, if there are any."""
+    if failed:
+        lines = "; ".join(f"{item.label or item.key[:12]}: {reason}" for item, reason in failed[:5])
+        raise StageFailed(
+            f"{stage.name}: {len(failed)} items failed after {stage.max_attempts} attempts ({lines}); rerun to retry them"
+        )
+
+
+def committed_result(run: Run, item: Item) -> dict | None:
+    """The result in ``item``'s marker when it names the item's fingerprint, else None."""
+    uri = storage.join(run.build, item.marker)
+    try:
+        result = storage.read_json(uri)
+    except (FileNotFoundError, ValueError):
+        return None
+    return result if isinstance(result, dict) and result.get("fingerprint") == item.commit_fingerprint else None
+
+
+def keep(run: Run, stage: Stage, item: Item, result: dict) -> str:
+    """Keep a finished item's files and marker as cache entry ``<stage>/<key>``; returns its name."""
+    rels = [rel for rel in (*item.files, item.marker) if storage.exists(storage.join(run.build, rel))]
+    return builds.save_entry(run.root, stage.name, item.key, run.build, rels, {"result": result})
+
+
+def execute(stage: Stage, run: Run) -> dict:
+    """Run ``stage`` in ``run``, taking what was made before from the build or the cache."""
+    items = stage.plan(run)
+    results: dict[str, tuple[Item, dict, str]] = {}
+    todo: list[Item] = []
+    for item in items:
+        result = committed_result(run, item)
+        if result is not None:
+            results[item.marker] = (item, result, "build")
+            continue
+        entry = builds.read_entry(run.root, stage.name, item.key)
+        if entry is not None and "result" in entry:
+            results[item.marker] = (item, stage.restore(run, item, entry), "cache")
+            continue
+        todo.append(item)
+    if items:
+        run.log.info(
+            "%s: %d items, %d done in this build, %d from the cache, %d to make",
+            stage.name, len(items), sum(o == "build" for _, _, o in results.values()),
+            sum(o == "cache" for _, _, o in results.values()), len(todo),
+        )
+    if todo:
+        with _progress(stage.name, sum(i.size for i in todo)) as advance:
+
+            def done(item: Item, result: dict) -> None:
+                keep(run, stage, item, result)
+                results[item.marker] = (item, result, "computed")
+                stage.on_result(run, item, result)
+                advance(item.size)
+
+            stage.compute(run, todo, done)
+    builds.record_cache_use(run.build, [f"{stage.name}/{item.key}" for item in items])
+    return stage.commit(run, [results[item.marker] for item in items])
+
+
+class _progress:
+    """A progress bar on a terminal (nothing elsewhere): ``with _progress(name, total) as advance``."""
+
+    def __init__(self, name: str, total: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn(name), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            disable=not sys.stderr.isatty() or bool(os.environ.get("CI")), transient=True,
+        )
+        self.task = self.bar.add_task(name, total=total)
+
+    def __enter__(self) -> Callable[[int], None]:
+        self.bar.__enter__()
+        return lambda n: self.bar.advance(self.task, n)
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)
+
+
+def local_run(config: Config, stages: Sequence[Stage] = (), current: bool = True) -> Run:
+    """A run of ``stages`` in this process (:class:`LocalExecutor`), after their pre-flight, on the
+    ``current`` build of ``config.output`` (or, with ``current=False``, a new or unfinished one, as
+    ``salient run`` takes); for libraries, notebooks and tests. No lease is taken."""
+    from salient import preflight
+
+    root = config.output
+    layout = builds.open_current(root) if current else builds.start_run(root)
+    return Run(config, layout, preflight.for_stages(config, stages), LocalExecutor())

@@ -1,0 +1,130 @@
+"""The evaluate stage: clean, core and spurious accuracy of every configured classifier at every
+noise level. An item is one (model, sigma): the model's predictions on every masked image, clean
+and noisy, kept in ``evaluation/predictions/<model>/sigma-<sigma>.parquet``; the workers run all the
+missing sigmas of a model together over blocks of images. The tables and charts are made from the
+predictions on every run."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from salient import evaluate, plots, preflight, storage, tables
+from salient.config import Config, EvalModelConfig, PreprocessConfig
+from salient.errors import InputError
+from salient.stage import Item, Run, Stage, fail
+
+
+def _runner(
+    entry: EvalModelConfig, build: str, root: str, preprocess: PreprocessConfig, sigmas: list[float], trials: int, seed: int,
+    batch_size: int, threads: int | None,
+) -> evaluate.EvalRunner:
+    return evaluate.EvalRunner(entry, build, root, preprocess, sigmas, trials, seed, batch_size=batch_size, threads=threads)
+
+
+def _index(run: Run) -> tuple[str, str]:
+    uri = storage.join(run.build, tables.MASK_INDEX.path)
+    if not storage.exists(uri):
+        raise InputError(f"{uri} is missing: the build has no masks yet; run `salient generalize CONFIG` first")
+    return uri, storage.parquet_metadata(uri)["fingerprint"]
+
+
+class Evaluate(Stage):
+    name = "evaluate"
+    help = "core and spurious accuracy of classifiers under noise on the masks"
+    code_version = evaluate.CODE_VERSION
+    requires = ("dataset", "output")
+    sections = ("preprocess", "compute", "evaluate")
+    uses_gpus = True
+
+    def applies(self, config: Config) -> bool:
+        return bool(config.evaluate.models)
+
+    def check(self, config: Config, found: preflight.Preflight) -> list[str]:
+        return preflight.check_eval_models(config, found)
+
+    def plan(self, run: Run) -> list[Item]:
+        _, index_fp = _index(run)
+        # The whole config of the stage, with its lists of models and sigmas replaced by the item's
+        # own: adding a model or a sigma recomputes nothing that was there.
+        identity = run.identity(*self.sections)
+        models, _ = identity["evaluate"].pop("models"), identity["evaluate"].pop("sigmas")
+        items = []
+        for entry, model_identity in zip(run.config.evaluate.models, models):
+            for sigma in run.config.evaluate.sigmas:
+                key = storage.fingerprint(self.name, self.code_version, identity, model_identity, sigma, index_fp)
+                items.append(Item(
+                    key, tables.predictions_marker(entry.name, sigma), (tables.predictions(entry.name, sigma),), (entry, sigma),
+                    f"{entry.name} sigma {sigma:g}",
+                ))
+        return items
+
+    def compute(self, run: Run, todo: list[Item], done: Callable[[Item, dict], None]) -> None:
+        cfg, e = run.config, run.config.evaluate
+        index_uri, _ = _index(run)
+        index = storage.read_parquet(index_uri)
+        blocks = evaluate.blocks_of(evaluate.plan_images(index), e.images_per_block)
+        by_model: dict[str, list[Item]] = {}
+        for item in todo:
+            by_model.setdefault(item.payload[0].name, []).append(item)
+        for name, items in by_model.items():
+            entry, sigmas = items[0].payload[0], [item.payload[1] for item in items]
+            run.log.info("%s: %d images in %d blocks at sigma %s", name, index.num_rows, len(blocks), sigmas)
+            tables = []
+            if blocks:
+                result = run.executor.pool(
+                    functools.partial(
+                        _runner, entry, run.build, cfg.dataset.root, cfg.preprocess, sigmas, e.trials, e.seed, cfg.compute.batch_size
+                    ),
+                    blocks, uses_gpus=True, max_attempts=self.max_attempts,
+                )
+                fail(self, [(item, result.failed[0][1]) for item in items] if result.failed else [])
+                tables = result.results
+            table = pa.concat_tables(tables) if tables else evaluate.results_table([])
+            clean = table.filter(pc.equal(table.column("condition"), evaluate.CLEAN))
+            for item, sigma in zip(items, sigmas):
+                part = pa.concat_tables([clean, table.filter(pc.equal(table.column("sigma"), sigma))])
+                storage.write_parquet(storage.join(run.build, item.files[0]), part, item.key)
+                result_row = {"fingerprint": item.key, "model": name, "sigma": sigma, "predictions": part.num_rows}
+                storage.write_json(storage.join(run.build, item.marker), result_row)
+                done(item, result_row)
+
+    def commit(self, run: Run, results: list[tuple[Item, dict, str]]) -> dict:
+        e = run.config.evaluate
+        index_uri, index_fp = _index(run)
+        index = storage.read_parquet(index_uri)
+        predictions = {
+            (item.payload[0].name, item.payload[1]): storage.read_parquet(storage.join(run.build, item.files[0]))
+            for item, _, _ in results
+        }
+        pairs, classes, summary = evaluate.build_tables(index, predictions)
+        fp = self.key(run, index_fp)
+        for written, table in ((tables.EVAL_PAIRS, pairs), (tables.EVAL_CLASSES, classes), (tables.EVAL_SUMMARY, summary)):
+            storage.write_parquet(storage.join(run.build, written.path), table, fp)
+        for entry in e.models:
+            chart = plots.accuracy_chart(
+                entry.name,
+                [r for r in summary.to_pylist() if r["model"] == entry.name],
+                [r for r in pairs.to_pylist() if r["model"] == entry.name and r["sigma"] == e.sigmas[-1]],
+                e.sigmas[-1],
+            )
+            storage.write_bytes_atomic(storage.join(run.build, tables.evaluation_chart(entry.name)), chart)
+        reused = sum(origin != "computed" for _, _, origin in results)
+        run.log.info("evaluated %d models x %d sigmas (%d reused)", len(e.models), len(e.sigmas), reused)
+        return {"models": len(e.models), "sigmas": len(e.sigmas), "reused": reused, "summary": summary.to_pylist()}
+
+    def describe(self, s: dict) -> str:
+        from salient.report import fmt
+
+        rows = "\n".join(
+            f"  {r['model']:<12} sigma {r['sigma']:<5g} clean {fmt(r['mean_clean_acc']):>5}  core {fmt(r['mean_core_acc']):>5} "
+            f"({r['n_classes_core_acc']} classes)  spurious {fmt(r['mean_spurious_acc']):>5} ({r['n_classes_spurious_acc']} classes)"
+            for r in s["summary"]
+        )
+        return (
+            "evaluate: mean over classes (clean / core acc = noise on spurious masks / spurious acc = noise on core masks)\n"
+            + rows + f"\n  tables and plots -> {tables.EVALUATION_DIR}/ in the build"
+        )
