@@ -28,7 +28,7 @@ import torch
 from salient import images, models, storage, tables
 from salient import plan as planmod
 from salient.config import ComputeConfig, ModelConfig, PreprocessConfig
-from salient.errors import ConfigError, InputError
+from salient.errors import ConfigError
 
 CODE_VERSION = "activations-2"
 DIRNAME = tables.ACTIVATIONS_DIR  # kept for callers outside salient/

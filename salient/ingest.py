@@ -17,10 +17,7 @@ from typing import Any
 import pyarrow as pa
 
 from salient import storage, tables
-# ANSWER_COLUMNS, ANSWERS, ANSWERS_SCHEMA, MAX_FIELD_CHARS and answer_files are imported from here too.
-from salient.answers import (  # noqa: F401
-    ANSWER_COLUMNS, ANSWERS, ANSWERS_SCHEMA, INCOMING, MAX_FIELD_CHARS, Ledger, answer_files, check_inputs,
-)
+from salient.answers import INCOMING, Ledger, check_inputs
 
 CODE_VERSION = "ingest-1"
 

@@ -20,7 +20,7 @@ from salient import groundtruth, nam, storage, tables
 from salient.config import AnnotationsConfig, PreprocessConfig
 from salient.discover import pair_dir
 from salient.errors import InputError
-from salient.ingest import ANSWER_COLUMNS, ANSWERS, INCOMING
+from salient.answers import ANSWER_COLUMNS, ANSWERS, INCOMING
 
 SIMULATED_FILE = "simulated.csv"
 

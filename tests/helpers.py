@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from salient import models
+from salient import config, models, world
 
 
 def jpeg_bytes(arr: np.ndarray, quality: int = 90) -> bytes:
@@ -66,3 +66,18 @@ def run_stages(cfg, *names: str) -> dict:
     from flows.rebuild import rebuild_flow
 
     return rebuild_flow(cfg, list(names))["stages"][names[-1]]
+
+
+def tiny_pipeline(base: Path) -> config.Config:
+    """The config of a whole pipeline on a 3-class synthetic world under ``base`` (written there),
+    with a random tiny_resnet as the studied and the evaluated model; output ``base/out``."""
+    world.synthesize(str(base / "world"), classes=3, per_class=8, size=32, seed=0)
+    ckpt = make_checkpoint(base / "tiny.pt", num_classes=3)
+    return config.load(None, [
+        f"dataset.root={base}/world/train", f"model.checkpoint={ckpt}", "model.arch=tiny_resnet",
+        "model.format=robustness", "preprocess.resize=32", "preprocess.crop=32", f"output={base}/out",
+        "compute.shard_size=10", "compute.gpus_per_worker=0", "aggregate.features_per_class=2",
+        "aggregate.grouping=label", "discover.images_per_pair=3", "discover.attack_steps=2",
+        "generalize.images_per_pair=3", "generalize.masks_per_shard=6",
+        f"evaluate.models=[{{name: tiny, arch: tiny_resnet, format: robustness, checkpoint: {ckpt}}}]", "evaluate.sigmas=[0.5]",
+    ])

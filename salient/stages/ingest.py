@@ -4,7 +4,7 @@ arrive outside the build at any time, so it reads them all on every run; it has 
 
 from __future__ import annotations
 
-from salient import aggregate, ingest, storage
+from salient import aggregate, answers, ingest, storage
 from salient.stage import Item, Run, Stage
 
 
@@ -16,7 +16,7 @@ class Ingest(Stage):
 
     def commit(self, run: Run, results: list[tuple[Item, dict, str]]) -> dict:
         cfg = run.config
-        files = ingest.answer_files(run.root, cfg.annotations.answers)
+        files = answers.answer_files(run.root, cfg.annotations.answers)
         pairs_uri = storage.join(run.build, aggregate.PAIRS_TABLE)
         build_pairs = None
         if storage.exists(pairs_uri):

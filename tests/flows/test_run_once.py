@@ -8,25 +8,15 @@ from collections import Counter
 
 import pytest
 
-from salient import cli, config, models, storage, world
+from salient import cli, config, models, storage
 from salient.errors import InputError
-from tests.helpers import make_checkpoint
+from tests.helpers import tiny_pipeline
 
 
 @pytest.fixture
 def pipeline_config(tmp_path) -> str:
-    world.synthesize(str(tmp_path / "world"), classes=3, per_class=8, size=32, seed=0)
-    ckpt = make_checkpoint(tmp_path / "tiny.pt", num_classes=3)
-    cfg = config.load(None, [
-        f"dataset.root={tmp_path}/world/train", f"model.checkpoint={ckpt}", "model.arch=tiny_resnet",
-        "model.format=robustness", "preprocess.resize=32", "preprocess.crop=32", f"output={tmp_path}/out",
-        "compute.shard_size=10", "compute.gpus_per_worker=0", "aggregate.features_per_class=2",
-        "aggregate.grouping=label", "discover.images_per_pair=3", "discover.attack_steps=2",
-        "generalize.images_per_pair=3", "generalize.masks_per_shard=6",
-        f"evaluate.models=[{{name: tiny, arch: tiny_resnet, format: robustness, checkpoint: {ckpt}}}]", "evaluate.sigmas=[0.5]",
-    ])
     path = str(tmp_path / "salient.yaml")
-    storage.write_bytes_atomic(path, config.to_yaml(cfg).encode())
+    storage.write_bytes_atomic(path, config.to_yaml(tiny_pipeline(tmp_path)).encode())
     return path
 
 

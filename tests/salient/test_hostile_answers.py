@@ -7,6 +7,7 @@ import io
 import pytest
 
 from salient import discover, ingest, storage
+from salient.answers import MAX_FIELD_CHARS
 from salient.metadata import ClassInfo
 
 HEADER = ["WorkerId", "Input.wordnet_id", "Input.class_index", "Input.feature_index", "Input.feature_rank",
@@ -71,7 +72,7 @@ def test_wrong_encodings_are_rejected_whole_with_what_to_do(tmp_path):
 
 def test_a_huge_field_cannot_smuggle_rows(tmp_path):
     fake = "\r\n".join(",".join(answer(f"fake{i}", main="background")) for i in range(5))
-    padding = "x" * (ingest.MAX_FIELD_CHARS + 10)
+    padding = "x" * (MAX_FIELD_CHARS + 10)
     rows = [answer("w0"), answer("w1", reason=f"{padding}\r\n{fake}\r\n"), *(answer(f"w{i}") for i in range(2, 6))]
     path = tmp_path / "a.csv"
     path.write_text(csv_text(rows), encoding="utf-8", newline="")
@@ -82,7 +83,7 @@ def test_a_huge_field_cannot_smuggle_rows(tmp_path):
     assert csv.field_size_limit() == limit
     [bad] = rejected(out)
     assert (bad["line"], bad["reason_kind"]) == (3, "field_too_large")
-    assert f"longer than {ingest.MAX_FIELD_CHARS:,} characters" in bad["reason"]
+    assert f"longer than {MAX_FIELD_CHARS:,} characters" in bad["reason"]
     answers = storage.read_parquet(storage.join(out, ingest.ANSWERS_TABLE)).to_pylist()
     assert sorted(a["worker_id"] for a in answers) == ["w0", "w2", "w3", "w4", "w5"], "rows inside the field were read as rows"
     # the five answers after the field keep their own line numbers: the field's text spans 7 lines
@@ -94,7 +95,7 @@ def test_an_unterminated_huge_field_rejects_its_file_only(tmp_path):
     good = tmp_path / "good.csv"
     good.write_text(csv_text([answer(f"w{i}") for i in range(5)]), encoding="utf-8", newline="")
     broken = tmp_path / "broken.csv"
-    broken.write_text(csv_text([answer("v0")]) + 'v1,n01440764,0,7,1,main_object,4,"' + "y" * (ingest.MAX_FIELD_CHARS + 10) + "\r\n",
+    broken.write_text(csv_text([answer("v0")]) + 'v1,n01440764,0,7,1,main_object,4,"' + "y" * (MAX_FIELD_CHARS + 10) + "\r\n",
                       encoding="utf-8", newline="")
     out = str(tmp_path / "out")
     summary = ingest.ingest(out, [str(good), str(broken)], CLASSES)

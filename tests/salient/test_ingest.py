@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from salient import ingest, storage
+from salient import answers, ingest, storage
 from salient.errors import InputError
 from salient.metadata import read_class_metadata
 
@@ -187,7 +187,7 @@ def test_bad_files_are_rejected_whole_and_the_others_ingest(tmp_path):
 
 def test_an_oversized_field_rejects_only_its_row(tmp_path):
     rows = five_answers()
-    rows.insert(1, row(worker="w9", reason="x" * (ingest.MAX_FIELD_CHARS + 1)))
+    rows.insert(1, row(worker="w9", reason="x" * (answers.MAX_FIELD_CHARS + 1)))
     path = write_csv(tmp_path / "a.csv", rows)
     out = str(tmp_path / "out")
     limit = csv.field_size_limit()
@@ -265,8 +265,8 @@ def test_memory_build_pairs_and_bom(tmp_path):
     out = "memory://ingest-test/out"
     buf = io.StringIO(newline="")
     csv.writer(buf, lineterminator="\r\n").writerows([HEADER, *five_answers(), *five_answers(j="9")[:2]])
-    storage.write_bytes_atomic(storage.join(out, ingest.INCOMING, "batch.csv"), buf.getvalue().encode("utf-8-sig"))
-    files = ingest.answer_files(out)
+    storage.write_bytes_atomic(storage.join(out, answers.INCOMING, "batch.csv"), buf.getvalue().encode("utf-8-sig"))
+    files = answers.answer_files(out)
     assert files == [f"{out}/annotations/incoming/batch.csv"]
     summary = ingest.ingest(out, files, CLASSES, build_pairs=[(0, 9), (1, 3)])
     assert summary["rejected"] == 0 and summary["accepted"] == 7

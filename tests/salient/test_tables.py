@@ -9,9 +9,9 @@ import re
 import pyarrow.parquet as pq
 import pytest
 
-from salient import config, stages, storage, tables, world
+from salient import stages, storage, tables
 from salient.stage import execute, local_run
-from tests.helpers import make_checkpoint
+from tests.helpers import tiny_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OUTSIDE_THE_REGISTRY = ("study", "run")  # `salient study export|ingest`; the manifest of `salient run`
@@ -55,16 +55,7 @@ def test_per_item_paths_fill_the_tables_placeholders():
 def tiny_build(tmp_path):
     """Every stage of the registry run in this process on a 3-class world: the build directory and
     the evaluated models and sigmas."""
-    world.synthesize(str(tmp_path / "world"), classes=3, per_class=8, size=32, seed=0)
-    ckpt = make_checkpoint(tmp_path / "tiny.pt", num_classes=3)
-    cfg = config.load(None, [
-        f"dataset.root={tmp_path}/world/train", f"model.checkpoint={ckpt}", "model.arch=tiny_resnet",
-        "model.format=robustness", "preprocess.resize=32", "preprocess.crop=32", f"output={tmp_path}/out",
-        "compute.shard_size=10", "compute.gpus_per_worker=0", "aggregate.features_per_class=2",
-        "aggregate.grouping=label", "discover.images_per_pair=3", "discover.attack_steps=2",
-        "generalize.images_per_pair=3", "generalize.masks_per_shard=6",
-        f"evaluate.models=[{{name: tiny, arch: tiny_resnet, format: robustness, checkpoint: {ckpt}}}]", "evaluate.sigmas=[0.5]",
-    ])
+    cfg = tiny_pipeline(tmp_path)
     run = local_run(cfg, stages.STAGES)
     ran = [s for s in stages.STAGES if s.applies(cfg)]
     assert [s.name for s in ran] == list(stages.NAMES), "the world has ground truth and a model to evaluate"
