@@ -66,10 +66,11 @@ def rebuild_flow(
     """Build (or bring up to date) the whole dataset and publish it; ``stages`` runs those
     stages on the ``current`` build without publishing. ``wait_s``: how long to wait for another
     rebuild of the same output to finish. ``checked``: the pre-flight of these stages, when the
-    caller ran it."""
+    caller ran it (one of other stages is run again)."""
     full = not stages
     selected = registry.select(config, stages or None)
-    checked = checked or preflight.for_stages(config, selected)
+    if checked is None or checked.stages != [s.name for s in selected]:
+        checked = preflight.for_stages(config, selected)
     logger = get_run_logger()
     root = config.output
     with builds.holding(root, f"salient run ({socket.gethostname()})", wait_s=wait_s) as lease, RayExecutor(config.compute) as executor:
