@@ -371,10 +371,11 @@ def save_entry(root: str, stage: str, key: str, src: str, rels: list[str], meta:
     return f"{stage}/{key}"
 
 
-def restore_entry(root: str, stage: str, key: str, dest: str) -> str | None:
+def restore_entry(root: str, stage: str, key: str, dest: str, marker: dict | None = None) -> str | None:
     """Copy the files of committed cache entry ``<stage>/<key>`` under ``dest``; returns
-    ``<stage>/<key>``, or None when there is no such entry."""
-    marker = read_entry(root, stage, key)
+    ``<stage>/<key>``, or None when there is no such entry. ``marker``: the entry's commit marker,
+    when it was read already."""
+    marker = marker or read_entry(root, stage, key)
     if marker is None:
         return None
     for rel in marker["files"]:

@@ -219,8 +219,7 @@ class Stage:
 
     def restore(self, run: Run, item: Item, entry: dict) -> dict:
         """Put a cached item in the build: its files and marker as they were kept; returns its result."""
-        for rel in entry["files"]:
-            storage.copy_file(builds.cache(run.root, self.name, item.key, rel), storage.join(run.build, rel))
+        builds.restore_entry(run.root, self.name, item.key, run.build, entry)
         return entry["result"]
 
     def on_result(self, run: Run, item: Item, result: dict) -> None:
