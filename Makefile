@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.masks
 	$(BIN)/python -m benchmarks.scale
 	$(BIN)/python -m benchmarks.stages
+	$(BIN)/python -m benchmarks.pipeline
 
 clean:
 	rm -rf demo-out .pytest_cache

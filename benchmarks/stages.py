@@ -63,7 +63,8 @@ def _timed(fn) -> float:
 
 
 class ModelClock:
-    """Stands in for a worker's model, adding up the seconds and images of its forward passes."""
+    """Stands in for a worker's model (its :class:`salient.inference.Inference`), adding up the
+    seconds and images of its forward passes."""
 
     def __init__(self, net: torch.nn.Module) -> None:
         self.net, self.seconds, self.images = net, 0.0, 0
@@ -103,7 +104,7 @@ def measure_activations(root: Path, out: Path, ckpt: str, threads: int) -> dict:
     runner = activations.ActivationRunner(
         ModelConfig(checkpoint=ckpt, arch="resnet50"), PreprocessConfig(), ComputeConfig(batch_size=BATCH), threads=threads, device="cpu",
     )
-    runner.infer(torch.rand(BATCH, 3, 224, 224))
+    runner.inference(torch.rand(BATCH, 3, 224, 224))  # warm-up
     stats = runner(activations.ShardTask(shard, str(root), str(out), "bench", "bench"))
     n = stats["images"]
     per = {k: v / n for k, v in stats["seconds"].items()}
@@ -119,15 +120,18 @@ def measure_activations(root: Path, out: Path, ckpt: str, threads: int) -> dict:
 def measure_discover(root: Path, out: Path, ckpt: str, threads: int, rels: list[str], pairs: int, shown: int, steps: int = 3, reps: int = 2) -> dict:
     """The discovery runner on one class without the attack (host time per pair), and its feature
     attack timed alone on the same images, next to a plain forward pass of the same batch."""
-    runner = discover.DiscoverRunner(ModelConfig(checkpoint=ckpt, arch="resnet50"), PreprocessConfig(), DiscoverConfig(attack_steps=0), threads=threads, device="cpu")
+    runner = discover.DiscoverRunner(
+        ModelConfig(checkpoint=ckpt, arch="resnet50"), PreprocessConfig(), ComputeConfig(batch_size=BATCH), DiscoverConfig(attack_steps=0),
+        threads=threads, device="cpu",
+    )
     wnid = rels[0].split("/")[0]
-    work = discover.ClassWork(0, str(root), str(out), [
+    work = [discover.ClassWork(0, str(root), str(out), [
         discover.PairWork(0, wnid, j, j + 1, list(range(j * shown, (j + 1) * shown)), rels[j * shown : (j + 1) * shown], f"bench-{j}")
         for j in range(pairs)
-    ])
+    ])]
     runner(work)  # warm-up
-    net = runner.net
-    runner.net = clock = ModelClock(net)
+    net = runner.inference.net
+    runner.inference = clock = ModelClock(runner.inference)
     host = []
     for _ in range(reps):
         clock.reset()
@@ -164,10 +168,9 @@ def measure_generalize(root: Path, out: Path, ckpt: str, threads: int, rels: lis
     cfg = GeneralizeConfig(masks_per_shard=max(1, len(rels) // 2))
     todo = masks.prepare(str(out), str(root), rows, 224, cfg, "bench")  # a new build: every block is to do
     n_blocks, index_fp = len(todo), masks.index_fingerprint("bench", rows)
-    runner = masks.MaskRunner(ModelConfig(checkpoint=ckpt, arch="resnet50"), PreprocessConfig(), batch_size=BATCH, threads=threads, device="cpu")
-    with torch.inference_mode():
-        runner.net(torch.rand(4, 3, 224, 224).contiguous(memory_format=torch.channels_last))
-    runner.net = clock = ModelClock(runner.net)
+    runner = masks.MaskRunner(ModelConfig(checkpoint=ckpt, arch="resnet50"), PreprocessConfig(), ComputeConfig(batch_size=BATCH), threads=threads, device="cpu")
+    runner.inference(torch.rand(4, 3, 224, 224))  # warm-up
+    runner.inference = clock = ModelClock(runner.inference)
     seconds = _timed(lambda: [runner(b) for b in todo])
     masks.write_index(str(out), rows, n_blocks, index_fp)
     n = len(rels)
@@ -181,11 +184,12 @@ def measure_evaluate(root: Path, out: Path, ckpt: str, threads: int) -> dict:
     """The evaluation runner over the generalize step's store: per image a clean pass, and a noisy
     pass per condition (its pair's mask, its class's core or spurious masks) at sigma 0.25."""
     entry = EvalModelConfig(name="resnet50", checkpoint=ckpt, arch="resnet50", format="robustness")
-    runner = evaluate.EvalRunner(entry, str(out), str(root), PreprocessConfig(), [0.25], 1, 0, batch_size=BATCH, threads=threads, device="cpu")
-    runner.predict(torch.rand(4, 3, 224, 224))
-    runner.net = clock = ModelClock(runner.net)
+    runner = evaluate.EvalRunner([(entry, [0.25])], str(out), str(root), PreprocessConfig(), ComputeConfig(batch_size=BATCH), 1, 0, threads=threads, device="cpu")
+    runner.nets["resnet50"](torch.rand(4, 3, 224, 224))  # warm-up
+    runner.nets["resnet50"] = clock = ModelClock(runner.nets["resnet50"])
     work = evaluate.plan_images(runner.store.index)
-    seconds = _timed(lambda: runner(evaluate.EvalBlock(0, work)))
+    (block,) = evaluate.blocks_of(work, len(work), runner.store.shard_rows)
+    seconds = _timed(lambda: runner(block))
     n = len(work)
     return {
         "images": n, "forwards": clock.images, "forwards_per_image": clock.images / n, "seconds": seconds,

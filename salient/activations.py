@@ -15,20 +15,18 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from salient import images, models, storage, tables
+from salient import storage, tables
 from salient import plan as planmod
 from salient.config import ComputeConfig, ModelConfig, PreprocessConfig
-from salient.errors import ConfigError
+from salient.inference import Inference
+from salient.stream import HostCopies, ImageStream
 
 CODE_VERSION = "activations-2"
 DIRNAME = tables.ACTIVATIONS_DIR  # kept for callers outside salient/
@@ -65,14 +63,6 @@ def output_schema(width: int) -> pa.Schema:
 
 
 @dataclass
-class _Timings:
-    read: float = 0.0
-    decode: float = 0.0
-    infer: float = 0.0
-    write: float = 0.0
-
-
-@dataclass
 class ShardTask:
     """Everything a worker needs to compute and write one shard: ``root`` is the dataset root,
     ``build`` the build directory."""
@@ -89,154 +79,98 @@ class ShardTask:
 
 
 @dataclass
-class _Loaded:
-    position: int
-    tensor: torch.Tensor | None
-    error: str | None
-    read_s: float
-    decode_s: float
-    orientation: int = 1
-
-
-@dataclass
 class ActivationRunner:
-    """Loads the model once, then computes shards: reads and decodes in a thread pool while the
-    model runs batches, and writes the shard's table and stats itself."""
+    """Loads the model once, then computes shards: a shard's images stream in (read and decoded
+    ahead, also while the worker's other shard holds the device), the model runs them in batches,
+    and the shard's table and stats are written after the device is free for the next shard."""
 
     model: ModelConfig
     preprocess: PreprocessConfig
     compute: ComputeConfig
     threads: int | None = None
     device: str | None = None
-    net: models.SalientModel = field(init=False)
+    inference: Inference = field(init=False)
 
     def __post_init__(self) -> None:
         m = self.model
-        self.net, self.device = models.load_for_worker(m.checkpoint, m.arch, m.format, self.device, self.threads, need_discovery=True)
-        if self.compute.precision == "fp16" and self.device == "cpu":
-            raise ConfigError(["compute.precision = 'fp16' needs a CUDA device; use fp32 (or bf16) on the CPU"])
-        self.width = self.net.feature_dim
-
-    def _autocast(self):
-        if self.compute.precision == "fp32":
-            return nullcontext()
-        dtype = torch.bfloat16 if self.compute.precision == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.split(":")[0], dtype=dtype)
-
-    def infer(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Penultimate features (float32) and top-1 predictions of a ``[N, 3, H, W]`` batch."""
-        x = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), self._autocast():
-            out = self.net(x)
-        return out.features.float().cpu().numpy(), out.logits.argmax(dim=1).cpu().numpy()
-
-    def _load_all(self, task: ShardTask, pool: ThreadPoolExecutor, threads: int) -> Iterator[_Loaded]:
-        fs, root = storage.url_to_fs(task.root)
-        resize, crop, max_pixels = self.preprocess.resize, self.preprocess.crop, self.preprocess.max_pixels
-
-        def load(pos: int) -> _Loaded:
-            rel = task.shard.relpaths[pos]
-            t0 = time.perf_counter()
-            try:
-                data = fs.cat_file(f"{root.rstrip('/')}/{storage.safe_relpath(rel)}")
-            except FileNotFoundError:
-                return _Loaded(pos, None, "FileNotFoundError: file disappeared after planning", time.perf_counter() - t0, 0.0)
-            except PermissionError as exc:
-                return _Loaded(pos, None, f"{images.describe_error(exc)}; the file cannot be read with these credentials", time.perf_counter() - t0, 0.0)
-            t1 = time.perf_counter()
-            try:
-                tensor, orientation = images.read_image(data, resize, crop, max_pixels)
-            except images.DECODE_ERRORS as exc:
-                return _Loaded(pos, None, images.describe_error(exc), t1 - t0, time.perf_counter() - t1)
-            return _Loaded(pos, tensor, None, t1 - t0, time.perf_counter() - t1, orientation)
-
-        lookahead = 2 * self.compute.batch_size + 2 * threads
-        pending: deque[Future[_Loaded]] = deque()
-        positions = iter(range(len(task.shard)))
-        for pos in positions:
-            pending.append(pool.submit(load, pos))
-            if len(pending) >= lookahead:
-                break
-        while pending:
-            yield pending.popleft().result()
-            nxt = next(positions, None)
-            if nxt is not None:
-                pending.append(pool.submit(load, nxt))
+        self.inference = Inference.load(m.checkpoint, m.arch, m.format, self.compute, self.threads, self.device, need_discovery=True)
+        self.device = self.inference.device
+        self.width = self.inference.net.feature_dim
+        self.decode_threads = self.compute.decode_threads or max(1, self.threads or os.cpu_count() or 1)
+        self.stream = ImageStream(None, self.preprocess, self.device, self.compute.batch_size, self.decode_threads)
 
     def __call__(self, task: ShardTask, on_batch: Callable[[int], None] | None = None) -> dict:
         """Compute and commit one shard; returns its stats."""
         started = time.time()
         t_start = time.perf_counter()
         shard = task.shard
-        timings = _Timings()
-        rows: list[int] = []
-        feats: list[np.ndarray] = []
-        preds: list[np.ndarray] = []
-        failures: list[dict[str, str]] = []
-        orientations = [1] * len(shard)
-        batch: list[torch.Tensor] = []
-        batch_pos: list[int] = []
-
-        def flush() -> None:
-            t0 = time.perf_counter()
-            f, p = self.infer(torch.stack(batch))
-            timings.infer += time.perf_counter() - t0
-            feats.append(f.astype(np.float16))
-            preds.append(p.astype(np.int32))
-            rows.extend(batch_pos)
-            if on_batch is not None:
-                on_batch(len(batch))
-            batch.clear()
-            batch_pos.clear()
-
-        decode_threads = self.compute.decode_threads or max(1, self.threads or os.cpu_count() or 1)
-        with ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="decode") as pool:
-            for item in self._load_all(task, pool, decode_threads):
-                timings.read += item.read_s
-                timings.decode += item.decode_s
-                if item.error is not None:
-                    failures.append({"relpath": shard.relpaths[item.position], "reason": item.error})
+        feed = self.stream.open(task.shard.relpaths, root=task.root)
+        copies = HostCopies(torch.device(self.device))
+        positions: list[int] = []
+        orientations: list[int] = []
+        feats: list[torch.Tensor] = []
+        preds: list[torch.Tensor] = []
+        failures: list[tuple[int, str]] = []
+        infer = 0.0
+        with self.inference.lock:
+            t_device = time.perf_counter()
+            for batch in feed:
+                failures.extend(batch.failures)
+                if not batch.positions:
                     continue
-                orientations[item.position] = item.orientation
-                batch.append(item.tensor)
-                batch_pos.append(item.position)
-                if len(batch) == self.compute.batch_size:
-                    flush()
-            if batch:
-                flush()
+                t0 = time.perf_counter()
+                out = self.inference(batch.pixels)
+                feats.append(copies.add(out.features.float()))
+                preds.append(copies.add(out.logits.argmax(dim=1).to(torch.int32)))
+                infer += time.perf_counter() - t0
+                positions.extend(batch.positions)
+                orientations.extend(batch.orientations)
+                if on_batch is not None:
+                    on_batch(len(batch.positions))
+            t0 = time.perf_counter()
+            copies.wait()
+            infer += time.perf_counter() - t0
+            queued = t_device - t_start
 
         t0 = time.perf_counter()
-        features = np.concatenate(feats) if feats else np.zeros((0, self.width), np.float16)
+        features = torch.cat(feats).numpy().astype(np.float16) if feats else np.zeros((0, self.width), np.float16)
         table = pa.table(
             {
-                "relpath": pa.array([shard.relpaths[i] for i in rows], pa.string()),
-                "image_id": pa.array([shard.image_ids[i] for i in rows], pa.int64()),
-                "label": pa.array([shard.labels[i] for i in rows], pa.int32()),
-                "pred": pa.array(np.concatenate(preds) if preds else np.zeros(0, np.int32), pa.int32()),
+                "relpath": pa.array([shard.relpaths[i] for i in positions], pa.string()),
+                "image_id": pa.array([shard.image_ids[i] for i in positions], pa.int64()),
+                "label": pa.array([shard.labels[i] for i in positions], pa.int32()),
+                "pred": pa.array(torch.cat(preds).numpy() if preds else np.zeros(0, np.int32), pa.int32()),
                 "features": pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1), pa.float16()), self.width),
-                "orientation": pa.array([orientations[i] for i in rows], pa.int8()),
+                "orientation": pa.array(orientations, pa.int8()),
             },
             schema=output_schema(self.width),
         )
         storage.write_parquet(table_uri(task.build, shard.index), table, task.stage_fingerprint)
-        timings.write += time.perf_counter() - t0
+        write = time.perf_counter() - t0
         total = time.perf_counter() - t_start
+        feed_stats = feed.stats
         stats = {
             "shard": shard.index,
             "fingerprint": task.fingerprint,
             "planned": len(shard),
-            "images": len(rows),
+            "images": len(positions),
             "failed": len(failures),
-            "failures": failures,
+            "failures": [{"relpath": shard.relpaths[p], "reason": reason} for p, reason in sorted(failures)],
             "first_image_id": shard.image_ids[0] if len(shard) else None,
+            # read and decode add up over threads and overlap the rest; wait is the device idle for
+            # want of pixels; queued the time the worker's other shard held the device.
             "seconds": {
-                "read": round(timings.read, 4),
-                "decode": round(timings.decode, 4),
-                "infer": round(timings.infer, 4),
-                "write": round(timings.write, 4),
+                "read": round(feed_stats.read, 4),
+                "decode": round(feed_stats.decode, 4),
+                "wait": round(feed_stats.wait, 4),
+                "infer": round(infer, 4),
+                "write": round(write, 4),
+                "queued": round(queued, 4),
                 "total": round(total, 4),
             },
-            "images_per_second": round(len(rows) / total, 3) if total > 0 else None,
+            "images_per_second": round(len(positions) / (total - queued), 3) if total > queued else None,
+            "decoder": self.preprocess.decoder,
+            "decoder_fallbacks": feed_stats.fallbacks,
             "started": started,
             "finished": time.time(),
             "worker": {
@@ -245,8 +179,9 @@ class ActivationRunner:
                 "device": self.device,
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                 "torch_threads": torch.get_num_threads(),
-                "decode_threads": decode_threads,
+                "decode_threads": self.decode_threads,
                 "precision": self.compute.precision,
+                "compile": self.compute.compile,
                 "batch_size": self.compute.batch_size,
             },
         }

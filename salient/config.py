@@ -83,6 +83,11 @@ class PreprocessConfig(_Section):
         MAX_PIXELS, gt=0, le=MAX_PIXELS,
         description="images with more pixels, as stored or once resized, are refused before decoding and listed as failures",
     )
+    decoder: Literal["pil", "torchvision", "nvjpeg"] = Field(
+        "pil",
+        description="pil (the reference), torchvision (libjpeg-turbo on the CPU) or nvjpeg (on the GPU); "
+        "images a fast decoder cannot read fall back to pil",
+    )
 
     @model_validator(mode="after")
     def _crop_fits(self) -> PreprocessConfig:
@@ -94,7 +99,7 @@ class PreprocessConfig(_Section):
 class ComputeConfig(_Section):
     """How work is spread over Ray workers. Unset values are chosen for the machine at run time.
 
-    Only ``precision`` changes results; the rest says where and how fast they are computed.
+    Only ``precision`` and ``compile`` change results; the rest says where and how fast they are computed.
     """
 
     workers: int | None = Field(None, gt=0, description="number of worker actors; default: one per GPU, else one", json_schema_extra=OMIT)
@@ -106,6 +111,10 @@ class ComputeConfig(_Section):
     # Shards are keyed by their files, so how images are cut into shards changes no result.
     shard_size: int = Field(5000, gt=0, description="images per shard", json_schema_extra=OMIT)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # Compiled kernels may round differently, so the mode counts in the cache keys.
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = Field(
+        "none", description="torch.compile mode of the workers' model (batches padded to batch_size); none: eager"
+    )
     decode_threads: int | None = Field(
         None, gt=0, description="image decoding threads per worker; default: its CPUs", json_schema_extra=OMIT
     )

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import posixpath
 
 import numpy as np
 import torch
+import zarr
 from PIL import Image
 from torch.utils.data import Dataset
+from zarr.core.buffer import default_buffer_prototype
 
 from salient import builds, images, nam, storage, tables
 from salient.errors import InputError
-from salient.masks import open_array
+from salient import masks
 
 
 def build_of(root: str, build_id: str | None = None) -> str:
@@ -39,7 +42,7 @@ class SalientMasks:
         if not storage.exists(uri):
             raise InputError(f"no mask index at {uri}; run `salient generalize CONFIG` first")
         self.index = storage.read_parquet(uri)
-        self.array = open_array(build, mode="r")
+        self.array = masks.open_array(build, mode="r")
         if self.array.shape[0] != self.index.num_rows:
             raise InputError(f"{build}: the mask array has {self.array.shape[0]} rows, the index {self.index.num_rows}")
         rel = self.index.column("relpath").to_pylist()
@@ -70,6 +73,38 @@ class SalientMasks:
     def mask(self, i: int) -> np.ndarray:
         """Mask ``i`` at the stored size: uint8 ``[H, W]``, round(255 * NAM)."""
         return np.asarray(self.array[i])
+
+    @property
+    def shard_rows(self) -> int:
+        """Rows per shard object of the mask array: :meth:`rows` costs one request per shard it touches."""
+        return (self.array.shards or self.array.chunks)[0]
+
+    def rows(self, lo: int, hi: int) -> np.ndarray:
+        """Masks ``lo`` to ``hi - 1`` at the stored size: uint8 ``[hi - lo, H, W]``, read with one
+        request per shard object that holds them (the whole object, even for a part of it)."""
+        if not 0 <= lo <= hi <= len(self):
+            raise IndexError(f"mask rows {lo}:{hi} are outside the {len(self)} rows of {self.build}")
+        meta, shard = self.array.metadata, self.array.shards or self.array.chunks
+        first = lo // shard[0]
+        fast = masks.shard_codec(self.array) is not None  # else decoded through zarr
+        prototype = default_buffer_prototype()
+        objects = meta.to_buffer_dict(prototype)
+        decoded: list[np.ndarray] = []
+        others = (range(-(-n // s)) for n, s in zip(self.array.shape[1:], shard[1:]))
+        for coords in itertools.product(range(first, -(-hi // shard[0])), *others):
+            key = meta.encode_chunk_key(coords)
+            try:
+                data = storage.read_bytes(storage.join(self.build, tables.MASKS.path, key))
+            except FileNotFoundError:
+                data = None  # never written: it reads as the fill value, as zarr reads it
+            if fast:
+                decoded.append(masks.read_shard(self.array, data, key))
+            elif data is not None:
+                objects[key] = prototype.buffer.from_bytes(data)
+        if fast:
+            return np.concatenate(decoded)[lo - first * shard[0] : hi - first * shard[0]]
+        local = zarr.open_array(store=zarr.storage.MemoryStore(objects, read_only=True), mode="r", zarr_format=3)
+        return np.asarray(local[lo:hi])
 
     def nam(self, i: int) -> np.ndarray:
         """The normalised low-resolution map of mask ``i``: float32 ``[nam_h, nam_w]``."""

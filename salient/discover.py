@@ -5,13 +5,19 @@ crops side by side), ``heatmaps.png`` (jet of the NAM over each image, red = hig
 (the feature attack from each image) and ``assets.json`` (the image ids, the low-resolution NAMs,
 and the fingerprint of everything the assets depend on, so unchanged pairs are not remade).
 ``discover/tasks.csv`` has one crowd-task row per pair.
+
+A worker makes the pairs of a few classes per call: their images read through
+:mod:`salient.stream`, NAMs and feature attacks on the device under ``compute.precision``, the
+strips encoded and written in threads while the device runs the next call.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,9 +25,11 @@ import pyarrow.compute as pc
 import torch
 from PIL import Image
 
-from salient import attack, images, models, nam, storage, tables
-from salient.config import DiscoverConfig, ModelConfig, PreprocessConfig
+from salient import attack, masks, nam, storage, stream, tables
+from salient.config import ComputeConfig, DiscoverConfig, ModelConfig, PreprocessConfig
+from salient.inference import Inference
 from salient.metadata import ClassInfo
+from salient.stream import Feed, HostCopies, ImageStream
 
 CODE_VERSION = "discover-1"
 STRIPS = ("images", "heatmaps", "attacks")
@@ -49,8 +57,8 @@ class PairWork:
 
 @dataclass
 class ClassWork:
-    """All pairs of one class whose assets must be (re)made; the attack batches them together.
-    ``root`` is the dataset root, ``build`` the build directory."""
+    """All pairs of one class whose assets must be (re)made. ``root`` is the dataset root, ``build``
+    the build directory."""
 
     class_index: int
     root: str
@@ -92,71 +100,129 @@ def png_strip(tiles: Sequence[np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
+def group_classes(works: Sequence[ClassWork], rows: int) -> list[list[ClassWork]]:
+    """``works`` in order, consecutive classes together while their images shown add up to at most
+    ``rows``; a class with more is alone."""
+    groups: list[list[ClassWork]] = []
+    size = 0
+    for work in works:
+        n = sum(len(p.relpaths) for p in work.pairs)
+        if not groups or size + n > rows:
+            groups.append([])
+            size = 0
+        groups[-1].append(work)
+        size += n
+    return groups
+
+
+@dataclass
+class _Outputs:
+    """A group's device results on the host: the distinct images' pixels, and per row (a pair's
+    image) the image's place among them, its NAM, mask and attack."""
+
+    pixels: torch.Tensor  # uint8 [n_images, 3, H, W]
+    image_of: list[int]
+    low: torch.Tensor  # float32 [rows, h, w]
+    masks: torch.Tensor  # float32 [rows, H, W]
+    attacked: torch.Tensor  # uint8 [rows, 3, H, W]
+
+
 @dataclass
 class DiscoverRunner:
-    """Loads the model once; makes the assets of every pair of a class in one batch."""
+    """Loads the model once; makes the assets of every pair of a group of classes per call, the
+    attack running on all their images at once. Calls from several threads run on the device in
+    turn and encode and write while another one computes."""
 
     model: ModelConfig
     preprocess: PreprocessConfig
+    compute: ComputeConfig
     cfg: DiscoverConfig
     threads: int | None = None
     device: str | None = None
 
     def __post_init__(self) -> None:
         m = self.model
-        self.net, self.device = models.load_for_worker(m.checkpoint, m.arch, m.format, self.device, self.threads, need_discovery=True)
+        self.inference = Inference.load(
+            m.checkpoint, m.arch, m.format, self.compute, threads=self.threads, device=self.device, need_discovery=True,
+        )
+        threads = self.compute.decode_threads or self.threads or os.cpu_count() or 1
+        self.stream = ImageStream(None, self.preprocess, self.inference.device, self.compute.batch_size, threads)
+        self.encoders = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="png")
 
-    def __call__(self, work: ClassWork) -> list[dict]:
-        fs, root = storage.url_to_fs(work.root)
-        cache: dict[str, torch.Tensor] = {}
-        rows, feats, spans = [], [], []
-        for p in work.pairs:
-            start = len(rows)
-            for rel in p.relpaths:
-                if rel not in cache:
-                    data = fs.cat_file(f"{root.rstrip('/')}/{storage.safe_relpath(rel)}")
-                    cache[rel] = images.load_image(data, self.preprocess.resize, self.preprocess.crop)
-                rows.append(cache[rel])
-                feats.append(p.feature_index)
-            spans.append((start, len(rows)))
-        records = []
-        if rows:
-            x = torch.stack(rows).to(self.device).contiguous(memory_format=torch.channels_last)
+    def __call__(self, works: Sequence[ClassWork]) -> list[dict]:
+        """Make and write the assets of every pair of ``works`` (classes of one dataset root);
+        returns their records, in order."""
+        jobs, start = [], 0
+        image_index: dict[str, int] = {}
+        image_of, feats = [], []
+        for work in works:
+            for p in work.pairs:
+                jobs.append((work.build, p, start, start + len(p.relpaths)))
+                start += len(p.relpaths)
+                image_of += [image_index.setdefault(rel, len(image_index)) for rel in p.relpaths]
+                feats += [p.feature_index] * len(p.relpaths)
+        outputs = None
+        if image_of:
+            feed = self.stream.open(list(image_index), works[0].root)
+            try:
+                outputs = self._compute(f"classes {', '.join(str(w.class_index) for w in works)}", feed, image_of, feats)
+            finally:
+                feed.cancel()
+        return list(self.encoders.map(lambda job: self._write(*job, outputs), jobs))
+
+    def _compute(self, what: str, feed: Feed, image_of: list[int], feats: list[int]) -> _Outputs:
+        """Read the images of ``feed``; for each row, the NAM and attack of ``feats[row]`` on image ``image_of[row]``."""
+        device = torch.device(self.inference.device)
+        crop = self.preprocess.crop
+        copies = HostCopies(device)
+        with self.inference.lock:
+            pixels = torch.empty((len(feed.relpaths), 3, crop, crop), dtype=torch.uint8, device=device)
+            maps = []
+            for batch in feed:
+                stream.refuse_failures(what, feed.relpaths, batch)
+                pixels[batch.positions[0] : batch.positions[-1] + 1] = batch.pixels  # consecutive images when none failed
+                maps.append(self.inference(batch.pixels).maps.clone())  # kept past the next call
+            rows = torch.tensor(image_of, device=device)
+            idx = torch.tensor(feats, device=device)
             with torch.inference_mode():
-                maps = self.net(x).maps
-            low, masks = nam.nams(maps, feats, x.shape[-2:])
-            amplified = attack.feature_attack(self.net, x, feats, self.cfg.attack_steps, self.cfg.attack_step_size)
-            pix = x.permute(0, 2, 3, 1).float().cpu().numpy()
-            masks_np = masks.cpu().numpy()
-            attacked = amplified.permute(0, 2, 3, 1).float().cpu().numpy()
-            low_np = low.cpu().numpy()
-        for p, (a, b) in zip(work.pairs, spans):
-            folder = pair_dir(work.build, p.wnid, p.feature_index)
-            record = {
-                "fingerprint": p.fingerprint,
-                "class_index": p.class_index,
-                "wnid": p.wnid,
-                "feature_index": p.feature_index,
-                "feature_rank": p.feature_rank,
-                "image_ids": p.image_ids,
-                "relpaths": p.relpaths,
-                "files": {},
+                low, up = nam.nams(torch.cat(maps)[rows], idx, (crop, crop))
+            with self.inference.autocast():
+                x = self.inference.unit(pixels[rows])
+                amplified = attack.feature_attack(self.inference.net, x, idx, self.cfg.attack_steps, self.cfg.attack_step_size)
+            out = _Outputs(copies.add(pixels), image_of, copies.add(low), copies.add(up), copies.add(masks.quantize(amplified)))
+        copies.wait()
+        return out
+
+    def _write(self, build: str, p: PairWork, a: int, b: int, out: _Outputs | None) -> dict:
+        """Write one pair's strips (rows ``a:b`` of ``out``) and ``assets.json``; returns its record."""
+        folder = pair_dir(build, p.wnid, p.feature_index)
+        record = {
+            "fingerprint": p.fingerprint,
+            "class_index": p.class_index,
+            "wnid": p.wnid,
+            "feature_index": p.feature_index,
+            "feature_rank": p.feature_rank,
+            "image_ids": p.image_ids,
+            "relpaths": p.relpaths,
+            "files": {},
+        }
+        if b > a and out is not None:
+            shown = [out.pixels[out.image_of[i]].permute(1, 2, 0).numpy() for i in range(a, b)]
+            tiles = {
+                "images": shown,
+                "heatmaps": [
+                    nam.to_uint8(nam.heatmap(x.astype(np.float32) / 255.0, out.masks[i].numpy())) for x, i in zip(shown, range(a, b))
+                ],
+                "attacks": [out.attacked[i].permute(1, 2, 0).numpy() for i in range(a, b)],
             }
-            if b > a:
-                tiles = {
-                    "images": [nam.to_uint8(pix[i]) for i in range(a, b)],
-                    "heatmaps": [nam.to_uint8(nam.heatmap(pix[i], masks_np[i])) for i in range(a, b)],
-                    "attacks": [nam.to_uint8(attacked[i]) for i in range(a, b)],
-                }
-                for name in STRIPS:
-                    uri = storage.join(folder, f"{name}.png")
-                    storage.write_bytes_atomic(uri, png_strip(tiles[name]))
-                    record["files"][name] = f"{p.wnid}/feature_{p.feature_index}/{name}.png"
-                record["nam_h"], record["nam_w"] = int(low_np.shape[1]), int(low_np.shape[2])
-                record["nams"] = [np.round(low_np[i], 4).ravel().tolist() for i in range(a, b)]
-            storage.write_json(storage.join(folder, tables.ASSETS), record)
-            records.append(record)
-        return records
+            for name in STRIPS:
+                storage.write_bytes_atomic(storage.join(folder, f"{name}.png"), png_strip(tiles[name]))
+                record["files"][name] = f"{p.wnid}/feature_{p.feature_index}/{name}.png"
+            low = out.low.numpy()
+            record["nam_h"], record["nam_w"] = int(low.shape[1]), int(low.shape[2])
+            record["nams"] = [np.round(low[i], 4).ravel().tolist() for i in range(a, b)]
+        storage.write_json(storage.join(folder, tables.ASSETS), record)
+        return record
 
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")

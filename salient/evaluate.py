@@ -2,45 +2,53 @@
 and the spurious regions of the mask store.
 
 x_noisy = clip(x + sigma * N(0, I) * M, 0, 1), M a soft mask in [0, 1] broadcast over channels.
-The noise of an image depends only on (seed, trial, image_id), never on batching or on which
-worker runs it. For a class c and a feature set F, the images are the union of the pairs' images
-(their rows in ``masks/index.parquet``) and an image's mask is the pixel-wise max of its masks for
-F. Noise on the *core* masks gives the **spurious accuracy**; noise on the *spurious* masks gives
-the **core accuracy**; one pair at a time gives the per-pair drop. Accuracy = top-1 equals c.
+The noise of an image depends only on (seed, trial, image_id) and the kind of device that draws it,
+never on batching or on which worker runs it. For a class c and a feature set F, the images are the
+union of the pairs' images (their rows in ``masks/index.parquet``) and an image's mask is the
+pixel-wise max of its masks for F. Noise on the *core* masks gives the **spurious accuracy**; noise
+on the *spurious* masks gives the **core accuracy**; one pair at a time gives the per-pair drop.
+Accuracy = top-1 equals c.
+
+A worker holds every model with work and goes over blocks of consecutive images that end where a
+mask shard object ends: it reads the block's masks as whole shards, decodes each image once, builds
+each clean and noisy variant once on the device and runs every model that needs it, in batches
+across images.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections import defaultdict
-from collections.abc import Callable, Sequence
+import os
+import threading
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import pyarrow as pa
 import torch
 
-from salient import images, models, storage, tables
-from salient.config import EvalModelConfig, PreprocessConfig
+from salient import images, tables
+from salient.config import ComputeConfig, EvalModelConfig, PreprocessConfig
+from salient.dataset import SalientMasks
+from salient.inference import Inference
+from salient.stream import Batch, HostCopies, ImageStream, refuse_failures
 
-CODE_VERSION = "evaluate-1"
+CODE_VERSION = "evaluate-2"
 # The tables this stage writes, in salient.tables; these names stay for callers outside salient/.
 CLASSES_TABLE = tables.EVAL_CLASSES.path
 SUMMARY_TABLE = tables.EVAL_SUMMARY.path
 CLEAN = "clean"
+# The order of every predictions table, so that its bytes depend on no batching or worker count.
+RESULT_ORDER = [("image_id", "ascending"), ("condition", "ascending"), ("sigma", "ascending"), ("trial", "ascending")]
 
 
-def image_noise(seed: int, trial: int, image_id: int, shape: Sequence[int]) -> torch.Tensor:
-    """Standard normal noise of one image, reproducible from (seed, trial, image_id) alone."""
+def image_noise(seed: int, trial: int, image_id: int, shape: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Standard normal noise of one image on ``device``, reproducible from (seed, trial, image_id)
+    alone for one kind of device: the CPU and CUDA generators (MT19937, Philox) draw differently."""
     digest = hashlib.sha256(f"{seed}:{trial}:{image_id}".encode()).digest()
-    g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-    return torch.randn(tuple(shape), generator=g)
-
-
-def add_noise(x: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
-    """clip(x + sigma * noise * mask, 0, 1) for ``x [B, 3, H, W]``, ``mask [B, H, W]`` in [0, 1]."""
-    return (x + sigma * noise * mask[:, None]).clamp_(0.0, 1.0)
+    g = torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return torch.randn(tuple(shape), generator=g, device=device)
 
 
 @dataclass
@@ -76,57 +84,158 @@ def plan_images(index: pa.Table) -> list[ImageWork]:
 
 @dataclass
 class EvalBlock:
+    """Consecutive images of the plan; mask rows ``lo`` to ``hi - 1`` hold all their masks."""
+
     index: int
     images: list[ImageWork]
+    lo: int
+    hi: int
 
 
-def blocks_of(work: list[ImageWork], size: int) -> list[EvalBlock]:
-    return [EvalBlock(k, work[s : s + size]) for k, s in enumerate(range(0, len(work), size))]
+def blocks_of(work: list[ImageWork], size: int, shard_rows: int) -> list[EvalBlock]:
+    """``work`` (in mask-row order) cut into blocks of at least ``size`` images, the last one the
+    rest. A block ends at the first image boundary after that which is also a boundary of the
+    mask shard objects (``shard_rows`` rows each), so that blocks read whole shards, none twice."""
+    blocks: list[EvalBlock] = []
+    start = 0
+    for k, item in enumerate(work):
+        end = max(r for cond in item.conditions for r in cond.rows) + 1
+        if k + 1 == len(work) or (k + 1 - start >= size and end % shard_rows == 0):
+            mine = work[start : k + 1]
+            rows = [r for it in mine for cond in it.conditions for r in cond.rows]
+            blocks.append(EvalBlock(len(blocks), mine, min(rows), max(rows) + 1))
+            start = k + 1
+    return blocks
 
 
+def condition_masks(block: EvalBlock, masks: torch.Tensor) -> torch.Tensor:
+    """The noise mask of every condition of the block's images, in order: uint8 ``[C, H, W]``, the
+    pixel-wise max of its rows; ``masks`` holds the block's rows ``lo`` to ``hi - 1``."""
+    conds = [cond for item in block.images for cond in item.conditions]
+    out = masks.new_empty((len(conds), *masks.shape[1:]))
+    by_count: dict[int, list[int]] = defaultdict(list)
+    for k, cond in enumerate(conds):
+        by_count[len(cond.rows)].append(k)
+    for ks in by_count.values():
+        rows = torch.tensor([[r - block.lo for r in conds[k].rows] for k in ks], device=masks.device)
+        out[torch.tensor(ks, device=masks.device)] = masks[rows].amax(dim=1)
+    return out
+
+
+# The top-1 classes ``[B]`` of ``[0, 1]`` images ``[B, 3, H, W]``, on their device.
 Predictor = Callable[[torch.Tensor], torch.Tensor]
+# A prediction's row of a predictions table, its ``pred`` left out: image_id, condition,
+# class_index, sigma, trial.
+Meta = tuple[int, str, int, float, int]
+
+
+@dataclass
+class _Group:
+    """Variants of one image waiting for a model batch: the clean image (``scaled`` None), or the
+    noisy images of one trial at one sigma, one per condition from the block's condition ``first``
+    on. ``scaled`` is sigma * noise."""
+
+    pixels: torch.Tensor
+    scaled: torch.Tensor | None
+    first: int
+    meta: list[Meta]
+
+
+@dataclass
+class _Queue:
+    """The variants that ``models`` are to run: clean (``sigma`` None) or noisy at ``sigma``."""
+
+    sigma: float | None
+    models: list[str]
+    groups: deque[_Group] = field(default_factory=deque)
+    size: int = 0
+
+    def add(self, group: _Group) -> None:
+        self.groups.append(group)
+        self.size += len(group.meta)
 
 
 def evaluate_block(
-    predict: Predictor,
+    models: Mapping[str, tuple[Predictor, Sequence[float]]],
     block: EvalBlock,
-    load_image: Callable[[str], torch.Tensor],
-    load_mask: Callable[[int], np.ndarray],
-    sigmas: Sequence[float],
+    batches: Iterable[Batch],
+    masks: torch.Tensor,
     trials: int,
     seed: int,
     batch_size: int,
-) -> list[tuple[int, str, int, float, int, int]]:
-    """Predictions ``(image_id, condition, class_index, sigma, trial, pred)`` for every image of the
-    block, clean (condition ``clean``, sigma NaN, trial -1) and under every condition, sigma, trial."""
-    out: list[tuple[int, str, int, float, int, int]] = []
-    queue: list[tuple[torch.Tensor, tuple[int, str, int, float, int]]] = []
+    noise: Callable[[int, int], torch.Tensor] | None = None,
+) -> dict[str, pa.Table]:
+    """Each model's predictions on the block's images: clean (condition ``clean``, sigma NaN,
+    trial -1) and, for every condition, trial and sigma of the model's own (``models`` maps a name
+    to its predictor and sigmas), on x_noisy = clip(x + (sigma * noise) * mask, 0, 1).
 
-    def flush() -> None:
-        if queue:
-            preds = predict(torch.stack([x for x, _ in queue])).tolist()
-            out.extend((*meta, int(p)) for (_, meta), p in zip(queue, preds))
-            queue.clear()
-
+    ``batches`` are the block's images (positions in ``block.images``) as uint8 pixels; ``masks``
+    its mask rows ``lo`` to ``hi - 1``, uint8; both on the device where everything runs. The noise
+    of (image_id, trial) is ``noise(image_id, trial)`` when given (drawn ahead), else
+    :func:`image_noise` on that device. Every variant is made once, for all the models that need
+    it, and run in batches of ``batch_size`` across images. ``InputError`` when an image could not
+    be read.
+    """
+    device = masks.device
+    cond_masks = condition_masks(block, masks)
+    first = [0]
     for item in block.images:
-        x = load_image(item.relpath)
-        queue.append((x, (item.image_id, CLEAN, -1, math.nan, -1)))
-        masks = {}
-        for cond in item.conditions:
-            m = np.max(np.stack([load_mask(r) for r in cond.rows]), axis=0).astype(np.float32) / 255.0
-            masks[cond.key] = torch.from_numpy(m)
-        for trial in range(trials):
-            noise = image_noise(seed, trial, item.image_id, x.shape)
-            for sigma in sigmas:
-                for cond in item.conditions:
-                    noisy = add_noise(x[None], masks[cond.key][None], noise[None], sigma)[0]
-                    queue.append((noisy, (item.image_id, cond.key, cond.class_index, float(sigma), trial)))
-                    if len(queue) >= batch_size:
-                        flush()
-        if len(queue) >= batch_size:
-            flush()
-    flush()
-    return out
+        first.append(first[-1] + len(item.conditions))
+    sigmas = sorted({s for _, own in models.values() for s in own})
+    clean = _Queue(None, list(models))
+    noisy = [_Queue(s, [name for name, (_, own) in models.items() if s in own]) for s in sigmas]
+    copies = HostCopies(device)
+    done: dict[str, list[tuple[list[Meta], torch.Tensor]]] = {name: [] for name in models}
+    # Every model batch is made in one buffer: a fresh one would cost more than the arithmetic (on
+    # the CPU, a large allocation is new pages that the kernel zeroes).
+    x_batch = torch.empty((batch_size, 3, *masks.shape[1:]), device=device)
+
+    # Variants are made an image at a time, straight into the batch: the CPU keeps the image in
+    # cache, and a GPU runs a few operations per image.
+    def fill(out: torch.Tensor, group: _Group) -> None:
+        """The first ``len(out)`` variants of ``group``, made in ``out``."""
+        if group.scaled is None:
+            out.copy_(group.pixels)
+            return
+        mask = cond_masks[group.first : group.first + len(out)].float().div_(255.0)
+        torch.mul(group.scaled, mask[:, None], out=out).add_(group.pixels).clamp_(0.0, 1.0)
+
+    def run(queue: _Queue, least: int) -> None:
+        while queue.size >= least and queue.size:
+            n = min(batch_size, queue.size)
+            meta: list[Meta] = []
+            while len(meta) < n:
+                group = queue.groups[0]
+                k = min(len(group.meta), n - len(meta))
+                fill(x_batch[len(meta) : len(meta) + k], group)
+                meta += group.meta[:k]
+                if k == len(group.meta):
+                    queue.groups.popleft()
+                else:
+                    group.meta, group.first = group.meta[k:], group.first + k
+            queue.size -= n
+            for name in queue.models:
+                done[name].append((meta, copies.add(models[name][0](x_batch[:n]))))
+
+    relpaths = [item.relpath for item in block.images]
+    with torch.inference_mode():
+        for batch in batches:
+            refuse_failures(f"evaluation block {block.index}", relpaths, batch)
+            for k, pos in enumerate(batch.positions):
+                item = block.images[pos]
+                x = images.to_unit(batch.pixels[k])
+                clean.add(_Group(x, None, 0, [(item.image_id, CLEAN, -1, math.nan, -1)]))
+                for trial in range(trials if noisy else 0):
+                    drawn = noise(item.image_id, trial) if noise else image_noise(seed, trial, item.image_id, x.shape, device)
+                    for queue in noisy:
+                        meta = [(item.image_id, cond.key, cond.class_index, queue.sigma, trial) for cond in item.conditions]
+                        queue.add(_Group(x, drawn * queue.sigma, first[pos], meta))
+            for queue in (clean, *noisy):
+                run(queue, batch_size)
+        for queue in (clean, *noisy):
+            run(queue, 1)
+    copies.wait()
+    return {name: results_table([(*m, p) for meta, preds in parts for m, p in zip(meta, preds.tolist())]) for name, parts in done.items()}
 
 
 RESULT_SCHEMA = pa.schema([
@@ -141,43 +250,67 @@ def results_table(rows: list[tuple]) -> pa.Table:
 
 
 @dataclass
-class EvalRunner:
-    """Loads one classifier once; evaluates blocks of images read through the mask store of the
-    build directory ``build``; ``root`` is the dataset root."""
+class BlockResult:
+    """A block's predictions per model, the kind of device that drew its noise (``cpu``, ``cuda``)
+    and where the time of reading its images went (:meth:`salient.stream.FeedStats.as_dict`)."""
 
-    entry: EvalModelConfig
+    predictions: dict[str, pa.Table]
+    noise_device: str
+    feed: dict
+
+
+@dataclass
+class EvalRunner:
+    """One worker: every model with work (with the sigmas to compute for it) loaded once on one
+    device; evaluates blocks of images read through the mask store of the build directory
+    ``build``. ``root`` is the dataset root. Calls from several threads read their images and masks
+    at once and take turns on the device."""
+
+    models: list[tuple[EvalModelConfig, list[float]]]
     build: str
     root: str
     preprocess: PreprocessConfig
-    sigmas: list[float]
+    compute: ComputeConfig
     trials: int
     seed: int
-    batch_size: int = 64
     threads: int | None = None
     device: str | None = None
 
     def __post_init__(self) -> None:
-        from salient.dataset import SalientMasks
-
-        e = self.entry
-        self.net, self.device = models.load_for_worker(e.checkpoint, e.arch, e.format, self.device, self.threads)
+        self.nets = {
+            e.name: Inference.load(e.checkpoint, e.arch, e.format, self.compute, threads=self.threads, device=self.device)
+            for e, _ in self.models
+        }
+        self.device = next(iter(self.nets.values())).device
         self.store = SalientMasks(self.build)
+        decode_threads = self.compute.decode_threads or self.threads or os.cpu_count() or 1
+        self.stream = ImageStream(self.root, self.preprocess, self.device, self.compute.batch_size, decode_threads)
+        self.lock = threading.Lock()  # one device for every model
 
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return self.net(x.to(self.device).contiguous(memory_format=torch.channels_last)).logits.argmax(dim=1).cpu()
+    def predictor(self, name: str) -> Predictor:
+        """The top-1 classes of model ``name``."""
+        return lambda x: self.nets[name](x).logits.argmax(dim=1)
 
-    def load_image(self, relpath: str) -> torch.Tensor:
-        return images.load_image(storage.read_bytes(storage.under(self.root, relpath)), self.preprocess.resize, self.preprocess.crop)
-
-    def __call__(self, block: EvalBlock) -> pa.Table:
-        return results_table(evaluate_block(
-            self.predict, block, self.load_image, self.store.mask, self.sigmas, self.trials, self.seed, self.batch_size
-        ))
-
-
-def cache_key(entry: EvalModelConfig, weights_sha256: str, sigma: float, trials: int, seed: int, index_fp: str, preprocess: PreprocessConfig) -> str:
-    return storage.fingerprint(CODE_VERSION, entry.arch, entry.format, weights_sha256, sigma, trials, seed, index_fp, preprocess.resize, preprocess.crop)
+    def __call__(self, block: EvalBlock) -> BlockResult:
+        feed = self.stream.open([item.relpath for item in block.images])
+        noise = None
+        if torch.device(self.device).type == "cpu":  # drawn ahead by the decode threads, as they decode
+            shape = (3, self.preprocess.crop, self.preprocess.crop)
+            drawn = {
+                (item.image_id, trial): self.stream.pool.submit(image_noise, self.seed, trial, item.image_id, shape)
+                for item in block.images for trial in range(self.trials)
+            }
+            noise = lambda image_id, trial: drawn[(image_id, trial)].result()  # noqa: E731
+        try:
+            rows = torch.from_numpy(self.store.rows(block.lo, block.hi))
+            with self.lock:
+                predictions = evaluate_block(
+                    {e.name: (self.predictor(e.name), sigmas) for e, sigmas in self.models},
+                    block, feed, rows.to(self.device), self.trials, self.seed, self.compute.batch_size, noise,
+                )
+        finally:
+            feed.cancel()
+        return BlockResult(predictions, torch.device(self.device).type, feed.stats.as_dict())
 
 
 # ---- tables ------------------------------------------------------------------------------------

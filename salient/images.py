@@ -9,6 +9,7 @@ as stored or once resized, is refused from its header, before any pixel is decod
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import torch
@@ -23,6 +24,10 @@ from salient.errors import InputError
 DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 EXIF_ORIENTATION = 0x0112
+
+# torchvision 0.29 announces that its image codecs will move to another package; the pinned
+# release has them, and the warning would be printed once per decode thread.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning)
 
 
 class TooManyPixels(InputError):
@@ -56,7 +61,7 @@ def resized_size(width: int, height: int, resize: int) -> tuple[int, int]:
     return (resize, new_long) if width <= height else (new_long, resize)
 
 
-def _open(data: bytes, max_pixels: int, resize: int | None) -> Image.Image:
+def open_header(data: bytes, max_pixels: int, resize: int | None) -> Image.Image:
     """The image with only its header read, refused if it has, or would have once resized, more than
     ``max_pixels`` pixels."""
     if not data:
@@ -85,28 +90,83 @@ def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
 
     Raises one of :data:`DECODE_ERRORS` for empty, truncated, undecodable or oversized data.
     """
-    with _open(data, max_pixels, None) as img:
+    with open_header(data, max_pixels, None) as img:
         img.load()
         return to_rgb(img)
 
 
-def preprocess(img: Image.Image, resize: int, crop: int) -> torch.Tensor:
-    """``Resize(resize)`` -> ``CenterCrop(crop)`` -> a ``[3, crop, crop]`` float tensor in ``[0, 1]``."""
+def preprocess_uint8(img: Image.Image, resize: int, crop: int) -> torch.Tensor:
+    """``Resize(resize)`` -> ``CenterCrop(crop)`` of an RGB image -> a ``[3, crop, crop]`` uint8 tensor."""
     img = TF.resize(img, resize, interpolation=InterpolationMode.BILINEAR, antialias=True)
     img = TF.center_crop(img, [crop, crop])
-    return TF.pil_to_tensor(img).float().div_(255.0)
+    return TF.pil_to_tensor(img)
+
+
+def preprocess(img: Image.Image, resize: int, crop: int) -> torch.Tensor:
+    """``Resize(resize)`` -> ``CenterCrop(crop)`` -> a ``[3, crop, crop]`` float tensor in ``[0, 1]``."""
+    return to_unit(preprocess_uint8(img, resize, crop))
+
+
+def to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels as float32 in ``[0, 1]``, on their own device."""
+    return pixels.float().div_(255.0)
 
 
 def read_image(data: bytes, resize: int, crop: int, max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, int]:
     """Decode and preprocess image bytes, as stored; returns the tensor and the EXIF orientation
     (see :func:`orientation`). Raises one of :data:`DECODE_ERRORS` for an unusable image."""
-    with _open(data, max_pixels, resize) as img:
+    pixels, orient, _ = read_pixels(data, resize, crop, max_pixels)
+    return to_unit(pixels), orient
+
+
+def read_pixels(
+    data: bytes, resize: int, crop: int, max_pixels: int = MAX_PIXELS, decoder: str = "pil"
+) -> tuple[torch.Tensor, int, bool]:
+    """Decode and preprocess image bytes to uint8 ``[3, crop, crop]``; returns the pixels, the EXIF
+    orientation and whether ``decoder`` could not read the image and PIL did instead.
+
+    ``pil`` is the reference. ``torchvision`` decodes 8-bit RGB JPEGs with libjpeg-turbo
+    (``torchvision.io.decode_jpeg``) and resizes the uint8 tensor with torch's antialiased bilinear
+    kernel; everything else (PNG, greyscale, CMYK, 16-bit, other formats) is read by ``pil``.
+    ``nvjpeg`` decodes on the GPU in :mod:`salient.stream`; here it reads like ``pil``. Raises one of
+    :data:`DECODE_ERRORS` for an unusable image.
+    """
+    with open_header(data, max_pixels, resize) as img:
+        orient = orientation(img)
+        if decoder == "torchvision" and fast_decodable(img):
+            try:
+                return resize_crop(decode_jpeg_cpu(data), resize, crop), orient, False
+            except RuntimeError:
+                pass  # libjpeg-turbo refused what PIL's header reader accepted: PIL decides
         img.load()
-        return preprocess(to_rgb(img), resize, crop), orientation(img)
+        return preprocess_uint8(to_rgb(img), resize, crop), orient, decoder != "pil"
+
+
+def fast_decodable(img: Image.Image) -> bool:
+    """Whether a fast JPEG decoder reads ``img`` (its header only read) as PIL does: an 8-bit RGB JPEG."""
+    return img.format == "JPEG" and img.mode == "RGB"
+
+
+def decode_jpeg_cpu(data: bytes) -> torch.Tensor:
+    """An RGB JPEG decoded by libjpeg-turbo (``torchvision.io``): uint8 ``[3, H, W]``."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+def resize_crop(pixels: torch.Tensor, resize: int, crop: int) -> torch.Tensor:
+    """``Resize(resize)`` (bilinear, antialiased) -> ``CenterCrop(crop)`` of uint8 ``[3, H, W]``
+    pixels on any device; uint8 out."""
+    if pixels.device.type == "cpu":
+        out = TF.resize(pixels, resize, interpolation=InterpolationMode.BILINEAR, antialias=True)
+    else:  # torch's antialiased kernels take floats on the GPU
+        out = TF.resize(pixels.float(), resize, interpolation=InterpolationMode.BILINEAR, antialias=True)
+        out = out.round_().clamp_(0, 255).to(torch.uint8)
+    return TF.center_crop(out, [crop, crop])
 
 
 def load_image(data: bytes, resize: int, crop: int, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
-    """Decode and preprocess image bytes, as stored."""
+    """Decode and preprocess image bytes, as stored: ``[3, crop, crop]`` floats in ``[0, 1]``."""
     return read_image(data, resize, crop, max_pixels)[0]
 
 

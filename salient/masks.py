@@ -9,7 +9,9 @@ rebuilt.
 
 Rows are ordered by image, so each work block (one Zarr shard, one writer) decodes an image and
 runs the model on it once for all of its features; only an image whose masks straddle a shard
-boundary is read by two blocks.
+boundary is read by two blocks. A worker reads a block's images through :mod:`salient.stream`,
+runs the model in batches of ``compute.batch_size`` and quantises the masks on the device; it
+writes one block while it computes the next.
 
 Each pair's NAMs are kept in the output root's cache under a key of the model, preprocessing and
 the pair's top images, so a later build that labels one more pair runs the model only on that
@@ -18,18 +20,25 @@ pair's images; every other mask is rebuilt from its cached NAM.
 
 from __future__ import annotations
 
+import bisect
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+import google_crc32c
+import numcodecs
 import zarr
-from zarr.codecs import ZstdCodec
+from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 
-from salient import builds, images, models, nam, storage, tables
-from salient.config import GeneralizeConfig, ModelConfig, PreprocessConfig
+from salient import builds, nam, storage, stream, tables
+from salient.config import ComputeConfig, GeneralizeConfig, ModelConfig, PreprocessConfig
 from salient.errors import InputError
+from salient.inference import Inference
+from salient.stream import Feed, HostCopies, ImageStream
 
 CODE_VERSION = "generalize-2"
 # Where the masks are, in salient.tables; these names stay for callers outside salient/.
@@ -71,6 +80,84 @@ def plan_rows(build: str, cfg: GeneralizeConfig) -> pa.Table:
 
 NAMS_STAGE = "masks-nams"
 NAMS_FILE = "nams.parquet"
+# Reads and writes of the NAM cache and of the blocks' NAMs in flight at once.
+IO_THREADS = 16
+
+
+# The shard layout every mask array is created with (see :func:`prepare`): inner chunks of one
+# mask, encoded as raw bytes then zstd; the index (offset, length per chunk, uint64 little-endian)
+# at the end with its crc32c. Shards of this layout are encoded here, each chunk in the worker's
+# thread pool, and written as one object: zarr's own writer spends more on its per-chunk
+# machinery than on compressing.
+_EMPTY = 2**64 - 1
+
+
+def shard_codec(arr: zarr.Array) -> numcodecs.Zstd | None:
+    """The zstd codec of the inner chunks when ``arr`` has the layout :func:`write_shard` and
+    :func:`read_shard` encode and decode themselves, else None."""
+    meta = arr.metadata
+    if arr.dtype != np.uint8 or len(meta.codecs) != 1 or not isinstance(meta.codecs[0], ShardingCodec):
+        return None
+    shard = meta.codecs[0]
+    inner, index = shard.codecs, shard.index_codecs
+    if (
+        shard.index_location.value != "end" or tuple(shard.chunk_shape) != (1, *arr.shape[1:])
+        or tuple(arr.shards[1:]) != tuple(arr.shape[1:])
+        or len(inner) != 2 or not isinstance(inner[0], BytesCodec) or not isinstance(inner[1], ZstdCodec)
+        or len(index) != 2 or not isinstance(index[0], BytesCodec) or index[0].endian.value != "little"
+        or not isinstance(index[1], Crc32cCodec)
+    ):
+        return None
+    return numcodecs.Zstd(level=inner[1].level, checksum=inner[1].checksum)
+
+
+def write_shard(build: str, arr: zarr.Array, start: int, masks: np.ndarray, pool: ThreadPoolExecutor) -> None:
+    """Write ``masks`` (uint8 ``[n, H, W]``) as rows ``start`` on of the mask array ``arr`` of the
+    build ``build``, where they fill one shard object: encoded on ``pool`` and written whole, as
+    one object. A shard of zero masks is no object, as zarr leaves it."""
+    rows = arr.shards[0]
+    codec = shard_codec(arr)
+    if codec is None or start % rows or len(masks) > rows:
+        arr[start : start + len(masks)] = masks
+        return
+    uri = storage.join(build, tables.mask_shard_object(start // rows))
+    if not masks.any():
+        storage.remove(uri)
+        return
+    frames = list(pool.map(lambda m: codec.encode(np.ascontiguousarray(m)), masks))
+    offsets = np.full((rows, 2), _EMPTY, dtype="<u8")
+    sizes = np.array([len(f) for f in frames], dtype=np.uint64)
+    offsets[: len(frames), 0] = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.uint64)
+    offsets[: len(frames), 1] = sizes
+    index_bytes = offsets.tobytes()
+    crc = np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes()
+    storage.write_bytes_atomic(uri, b"".join(frames) + index_bytes + crc)
+
+
+def read_shard(arr: zarr.Array, data: bytes | None, what: str) -> np.ndarray:
+    """The masks of one shard object of ``arr`` (of the layout :func:`shard_codec` knows) from its
+    bytes ``data`` (None: no object): uint8 ``[rows per shard, H, W]``, the fill value where a chunk
+    is absent. ``what`` names the object in errors."""
+    codec = shard_codec(arr)
+    assert codec is not None, "read_shard needs an array of the layout shard_codec knows"
+    rows, (h, w) = arr.shards[0], arr.shape[1:]
+    if data is None:
+        return np.full((rows, h, w), arr.fill_value, np.uint8)
+    size = rows * 16
+    index_bytes, crc = data[-size - 4 : -4], data[-4:]
+    if len(data) < size + 4 or np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes() != crc:
+        raise InputError(f"mask shard {what} is damaged (its index does not match its checksum); run `salient generalize CONFIG` again")
+    out = np.full((rows, h, w), arr.fill_value, np.uint8)
+    for i, (offset, length) in enumerate(np.frombuffer(index_bytes, "<u8").reshape(rows, 2)):
+        if offset != _EMPTY:
+            out[i] = np.frombuffer(codec.decode(data[offset : offset + length]), np.uint8).reshape(h, w)
+    return out
+
+
+def quantize(masks: torch.Tensor) -> torch.Tensor:
+    """Float masks in [0, 1] as uint8 round(255 * mask), on their own device; on the CPU this
+    equals :func:`salient.nam.to_uint8` exactly."""
+    return masks.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
 
 
 @dataclass
@@ -110,12 +197,20 @@ def cached_nams(cache_root: str, rows: pa.Table, keys: dict[tuple[int, int], str
     wanted: dict[tuple[int, int], dict[str, int]] = {}
     for row, c, j, rel in zip(*cols.values()):
         wanted.setdefault((c, j), {})[rel] = row
-    for pair, rels in wanted.items():
+
+    def read(pair: tuple[int, int]) -> tuple[dict, dict] | None:
         marker = builds.read_entry(cache_root, NAMS_STAGE, keys[pair])
         if marker is None:
+            return None
+        return marker, storage.read_parquet(builds.cache(cache_root, NAMS_STAGE, keys[pair], NAMS_FILE)).to_pydict()
+
+    with ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="nam-cache") as pool:
+        found = list(pool.map(read, wanted))
+    for rels, got in zip(wanted.values(), found):
+        if got is None:
             continue
+        marker, table = got
         shape = (marker["nam_h"], marker["nam_w"])
-        table = storage.read_parquet(builds.cache(cache_root, NAMS_STAGE, keys[pair], NAMS_FILE)).to_pydict()
         for rel, low in zip(table["relpath"], table["nam"]):
             out[rels[rel]] = low
     return out, shape
@@ -124,9 +219,11 @@ def cached_nams(cache_root: str, rows: pa.Table, keys: dict[tuple[int, int], str
 def cache_pair_nams(cache_root: str, build: str, rows: pa.Table, keys: dict[tuple[int, int], str], n_blocks: int) -> list[str]:
     """Keep the NAMs of every pair in ``rows`` not cached yet, from the build's committed blocks;
     returns the cache entries of all the pairs."""
-    missing = {pair for pair, key in keys.items() if builds.read_entry(cache_root, NAMS_STAGE, key) is None}
+    with ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="nam-cache") as pool:
+        entries = list(pool.map(lambda key: builds.read_entry(cache_root, NAMS_STAGE, key), keys.values()))
+    missing = {pair for pair, entry in zip(keys, entries) if entry is None}
     if missing:
-        lows = pa.concat_tables([storage.read_parquet(block_nams(build, k)) for k in range(n_blocks)]).sort_by("row")
+        lows = read_block_nams(build, n_blocks)
         meta = storage.read_json(block_marker(build, 0))
         cols = rows.select(["class_index", "feature_index", "relpath"]).to_pydict()
         per_pair: dict[tuple[int, int], tuple[list[str], list]] = {}
@@ -136,10 +233,15 @@ def cache_pair_nams(cache_root: str, build: str, rows: pa.Table, keys: dict[tupl
                 rels.append(rel)
                 values.append(low)
         width = meta["nam_h"] * meta["nam_w"]
-        for pair, (rels, values) in per_pair.items():
+
+        def keep(pair: tuple[int, int]) -> None:
+            rels, values = per_pair[pair]
             table = pa.table({"relpath": rels, "nam": pa.array(values, pa.list_(pa.float32(), width))})
             storage.write_parquet(builds.cache(cache_root, NAMS_STAGE, keys[pair], NAMS_FILE), table, keys[pair])
             builds.commit_entry(cache_root, NAMS_STAGE, keys[pair], {"files": [NAMS_FILE], "nam_h": meta["nam_h"], "nam_w": meta["nam_w"]})
+
+        with ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="nam-cache") as pool:
+            list(pool.map(keep, per_pair))
     return [f"{NAMS_STAGE}/{key}" for key in keys.values()]
 
 
@@ -149,6 +251,15 @@ def block_marker(build: str, index: int) -> str:
 
 def block_nams(build: str, index: int) -> str:
     return storage.join(build, tables.mask_block_nams(index))
+
+
+def read_block_nams(build: str, n_blocks: int) -> pa.Table | None:
+    """The ``row`` and ``nam`` of the first ``n_blocks`` committed blocks of the build, by row; None for no blocks."""
+    if not n_blocks:
+        return None
+    with ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="nam-blocks") as pool:
+        parts = list(pool.map(lambda k: storage.read_parquet(block_nams(build, k)), range(n_blocks)))
+    return pa.concat_tables(parts).sort_by("row")
 
 
 def plan_blocks(
@@ -168,66 +279,86 @@ def plan_blocks(
 
 @dataclass
 class MaskRunner:
-    """Loads the model once; computes and writes one block (Zarr shard) of masks per call."""
+    """Loads the model once; computes and writes one block (Zarr shard) of masks per call. Calls
+    from several threads run on the device in turn and write while another one computes."""
 
     model: ModelConfig
     preprocess: PreprocessConfig
-    batch_size: int = 64
+    compute: ComputeConfig
     threads: int | None = None
     device: str | None = None
 
     def __post_init__(self) -> None:
         m = self.model
-        self.net, self.device = models.load_for_worker(m.checkpoint, m.arch, m.format, self.device, self.threads, need_discovery=True)
+        self.inference = Inference.load(
+            m.checkpoint, m.arch, m.format, self.compute, threads=self.threads, device=self.device, need_discovery=True,
+        )
+        decode_threads = self.compute.decode_threads or self.threads or os.cpu_count() or 1
+        self.stream = ImageStream(None, self.preprocess, self.inference.device, self.compute.batch_size, decode_threads)
 
     def __call__(self, block: MaskBlock) -> dict:
-        fs, root = storage.url_to_fs(block.root)
         crop = self.preprocess.crop
-        out_masks = np.zeros((len(block.relpaths), crop, crop), np.uint8)
-        lows: list[np.ndarray | None] = [None] * len(block.relpaths)
-        if block.cached:
-            assert block.nam_shape is not None
-            positions = sorted(block.cached)
-            low = torch.tensor([block.cached[i] for i in positions], dtype=torch.float32).reshape(len(positions), *block.nam_shape)
-            up = nam.to_uint8(nam.upsample(low, crop).clamp_(0, 1).numpy())
-            for k, i in enumerate(positions):
-                out_masks[i], lows[i] = up[k], low[k].numpy()
-        rows_of: dict[str, list[int]] = {}
-        for i, r in enumerate(block.relpaths):
+        n = len(block.relpaths)
+        # the rows the model makes as (image, row): images numbered in first-seen order
+        image_of: dict[str, int] = {}
+        todo = []
+        for i, rel in enumerate(block.relpaths):
             if i not in block.cached:
-                rows_of.setdefault(r, []).append(i)
-        order: list[str] = list(rows_of)  # distinct images still to run, first-seen order
-        position = {r: i for i, r in enumerate(order)}
-        for s in range(0, len(order), self.batch_size):
-            chunk = order[s : s + self.batch_size]
-            x = torch.stack([
-                images.load_image(fs.cat_file(f"{root.rstrip('/')}/{storage.safe_relpath(r)}"), self.preprocess.resize, crop)
-                for r in chunk
-            ]).to(self.device).contiguous(memory_format=torch.channels_last)
-            # every (image, feature) of this chunk, from one forward pass per image
-            pairs = [(position[r] - s, i) for r in chunk for i in rows_of[r]]
-            with torch.inference_mode():
-                maps = self.net(x).maps
-            low, up = nam.nams(maps[[b for b, _ in pairs]], [block.features[i] for _, i in pairs], crop)
-            up_u8, low_np = nam.to_uint8(up.cpu().numpy()), low.cpu().numpy()
-            for k, (_, i) in enumerate(pairs):
-                out_masks[i] = up_u8[k]
-                lows[i] = low_np[k]
-        arr = open_array(block.build, mode="r+")
-        arr[block.start : block.start + len(block.relpaths)] = out_masks
+                todo.append((image_of.setdefault(rel, len(image_of)), i))
+        todo.sort()
+        feed = self.stream.open(list(image_of), block.root)
+        out_masks = np.zeros((n, crop, crop), np.uint8)
+        lows: list[np.ndarray | None] = [None] * n
+        try:
+            if block.cached:
+                assert block.nam_shape is not None
+                positions = sorted(block.cached)
+                low = torch.tensor([block.cached[i] for i in positions], dtype=torch.float32).reshape(len(positions), *block.nam_shape)
+                up = quantize(nam.upsample(low, crop).clamp_(0, 1)).numpy()
+                for k, i in enumerate(positions):
+                    out_masks[i], lows[i] = up[k], low[k].numpy()
+            parts = self._infer(block, feed, todo) if todo else []
+        finally:
+            feed.cancel()
+        for positions, low, up in parts:
+            out_masks[positions] = up.numpy()
+            for k, i in enumerate(positions):
+                lows[i] = low[k].numpy()
+        write_shard(block.build, open_array(block.build, mode="r+"), block.start, out_masks, self.stream.pool)
         h, w = lows[0].shape
-        flat = np.stack(lows).reshape(len(lows), h * w).astype(np.float32)
+        flat = np.stack(lows).reshape(n, h * w).astype(np.float32)
         table = pa.table({
-            "row": pa.array(np.arange(block.start, block.start + len(lows)), pa.int64()),
+            "row": pa.array(np.arange(block.start, block.start + n), pa.int64()),
             "nam": pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel(), pa.float32()), h * w),
         })
         storage.write_parquet(block_nams(block.build, block.index), table, block.fingerprint)
         summary = {
-            "block": block.index, "masks": len(lows), "images": len(order), "inferred_masks": len(lows) - len(block.cached),
+            "block": block.index, "masks": n, "images": len(image_of), "inferred_masks": n - len(block.cached),
             "nam_h": h, "nam_w": w, "fingerprint": block.fingerprint,
         }
         storage.write_json(block_marker(block.build, block.index), summary)
         return summary
+
+    def _infer(self, block: MaskBlock, feed: Feed, todo: list[tuple[int, int]]) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
+        """(block positions, low-resolution NAMs, uint8 masks) on the host for the rows ``todo``
+        ((image, position) in order), batch by batch of the feed of the block's images."""
+        crop = self.preprocess.crop
+        images = [image for image, _ in todo]
+        device = torch.device(self.inference.device)
+        copies = HostCopies(device)
+        parts = []
+        with self.inference.lock, torch.inference_mode():
+            image_index = torch.tensor(images, device=device)
+            feature_index = torch.tensor([block.features[i] for _, i in todo], device=device)
+            for batch in feed:
+                stream.refuse_failures(f"block {block.index:05d}", feed.relpaths, batch)
+                first = batch.positions[0]  # a batch without failures holds consecutive images
+                a, b = bisect.bisect_left(images, first), bisect.bisect_left(images, batch.positions[-1] + 1)
+                maps = self.inference(batch.pixels).maps
+                low, up = nam.nams(maps[image_index[a:b] - first], feature_index[a:b], crop)
+                parts.append(([i for _, i in todo[a:b]], copies.add(low), copies.add(quantize(up))))
+        copies.wait()
+        return parts
 
 
 def index_fingerprint(stage_fp: str, rows: pa.Table) -> str:
@@ -263,8 +394,7 @@ def prepare(
 
 def write_index(build: str, rows: pa.Table, n_blocks: int, index_fp: str) -> None:
     """``masks/index.parquet``: the planned rows with each mask's ``nam`` from the committed blocks."""
-    parts = [storage.read_parquet(block_nams(build, k)) for k in range(n_blocks)]
-    nams = pa.concat_tables(parts).sort_by("row") if parts else None
+    nams = read_block_nams(build, n_blocks)
     if nams is not None and nams.column("row").to_pylist() != rows.column("row").to_pylist():
         raise InputError("mask blocks do not cover the planned rows; rerun `salient generalize CONFIG`")
     meta = storage.read_json(block_marker(build, 0)) if n_blocks else {"nam_h": 0, "nam_w": 0}

@@ -121,7 +121,11 @@ class SalientModel(nn.Module):
         return self.net.fc.weight.detach()
 
     def forward(self, x: Tensor) -> ModelOutput:
-        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        """The outputs for ``[0, 1]`` images ``[N, 3, H, W]``."""
+        return self.forward_normalized((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
+
+    def forward_normalized(self, x: Tensor) -> ModelOutput:
+        """The outputs for images already normalised with the ImageNet statistics."""
         if not self.supports_discovery:
             return ModelOutput(self.net(x), None, None)
         n = self.net

@@ -22,7 +22,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -68,8 +70,12 @@ class PoolResult:
     workers: list[dict[str, Any]] = field(default_factory=list)
 
 
-# A worker is built once where it runs, from the number of CPU threads it may use.
+# A worker is built once where it runs, from the number of CPU threads it may use. It is handed up
+# to ITEMS_PER_WORKER items at once, from as many threads, so that it reads its next item while it
+# computes one and computes the next while it writes one: the callable must be thread-safe (model
+# stages take turns on the device through salient.inference.Inference.lock).
 Builder = Callable[[int | None], Callable[[Any], Any]]
+ITEMS_PER_WORKER = 2
 OnResult = Callable[[Any, Any], None]
 
 
@@ -96,7 +102,7 @@ def reason_of(exc: BaseException) -> str:
 
 
 class LocalExecutor:
-    """Runs work in this process, one item at a time: for libraries, notebooks and tests."""
+    """Runs work in this process, as one worker: for libraries, notebooks and tests."""
 
     def pool(
         self, builder: Builder, payloads: Sequence[Any], *, uses_gpus: bool = True,
@@ -106,18 +112,26 @@ class LocalExecutor:
         if not payloads:
             return out
         fn = builder(None)
-        for payload in payloads:
-            for attempt in range(1, max_attempts + 1):
-                try:
-                    result = fn(payload)
-                except Exception as exc:  # noqa: BLE001 -- an item's failure is retried, then reported
-                    if attempt == max_attempts:
-                        out.failed.append((payload, reason_of(exc)))
-                    continue
-                out.results.append(result)
-                if on_result is not None:
-                    on_result(payload, result)
-                break
+        queue = deque((payload, 1) for payload in payloads)
+        running: dict[Future[Any], tuple[Any, int]] = {}
+        with ThreadPoolExecutor(max_workers=ITEMS_PER_WORKER, thread_name_prefix="item") as threads:
+            while queue or running:
+                while queue and len(running) < ITEMS_PER_WORKER:
+                    payload, attempt = queue.popleft()
+                    running[threads.submit(fn, payload)] = (payload, attempt)
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    payload, attempt = running.pop(future)
+                    exc = future.exception()
+                    if exc is not None:
+                        if attempt < max_attempts:
+                            queue.append((payload, attempt + 1))
+                        else:
+                            out.failed.append((payload, reason_of(exc)))
+                        continue
+                    out.results.append(future.result())
+                    if on_result is not None:
+                        on_result(payload, future.result())
         return out
 
     def map(self, fn: Callable[..., Any], args: Sequence[tuple]) -> Iterator[Any]:

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import fsspec
+import fsspec.asyn
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
@@ -97,6 +98,46 @@ def retrying(op: Callable[[], T], what: str) -> T:
             )
             time.sleep(pause)
             attempt += 1
+
+
+def cat_many(fs: fsspec.AbstractFileSystem, paths: list[str], concurrency: int = 64) -> list[bytes | BaseException]:
+    """The bytes of every path, read ``concurrency`` at a time on an async store (one by one
+    otherwise), in order. A missing or forbidden object gives its exception in its place; transient
+    errors are retried as :func:`retrying` does; any other error is raised."""
+    if isinstance(fs, fsspec.asyn.AsyncFileSystem):
+        got = fsspec.asyn.sync(fs.loop, _cat_concurrently, fs, paths, concurrency)
+    else:
+        got = [_try_cat(fs, p) for p in paths]
+    out: list[bytes | BaseException] = []
+    for path, data in zip(paths, got):
+        if isinstance(data, BaseException) and is_transient(data):
+            data = _try_cat(fs, path)
+        if isinstance(data, BaseException) and not isinstance(data, (FileNotFoundError, PermissionError)):
+            raise data
+        out.append(data)
+    return out
+
+
+def _try_cat(fs: fsspec.AbstractFileSystem, path: str) -> bytes | BaseException:
+    try:
+        return retrying(lambda: fs.cat_file(path), f"read {path}")
+    except (FileNotFoundError, PermissionError) as exc:
+        return exc
+
+
+async def _cat_concurrently(fs: Any, paths: list[str], concurrency: int) -> list[bytes | BaseException]:
+    import asyncio
+
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(path: str) -> bytes | BaseException:
+        async with gate:
+            try:
+                return await fs._cat_file(path)
+            except Exception as exc:  # noqa: BLE001 -- sorted by the caller
+                return exc
+
+    return list(await asyncio.gather(*(one(p) for p in paths)))
 
 
 class UnsafePathError(InputError):

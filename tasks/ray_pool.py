@@ -25,7 +25,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from salient.config import ComputeConfig
 from salient.errors import ConfigError, Unreachable
 from salient.resources import WorkerResources, plan_workers
-from salient.stage import Builder, OnResult, PoolResult, reason_of
+from salient.stage import ITEMS_PER_WORKER, Builder, OnResult, PoolResult, reason_of
 
 log = logging.getLogger("salient.pool")
 
@@ -217,9 +217,10 @@ def await_gpus(gpus: float, totals: dict[str, float], timeout_s: float) -> dict[
     return totals
 
 
-@ray.remote(max_restarts=0)
+@ray.remote(max_restarts=0, max_concurrency=ITEMS_PER_WORKER)
 class PoolWorker:
-    """Runs items with the callable its builder returns; the builder runs once, in the actor."""
+    """Runs items with the callable its builder returns; the builder runs once, in the actor. Up to
+    ``ITEMS_PER_WORKER`` items run at once, in threads of the actor."""
 
     def __init__(self, builder: Callable[[], Callable[[Any], Any]]) -> None:
         self.fn = builder()
@@ -250,7 +251,8 @@ def run_pool(
 
     An item is handed only to a worker that has started, so a replacement for a worker lost with
     its node, which may find no room left in the cluster, holds up nothing while the others go on.
-    Items whose attempts are all used up are returned in ``failed`` with the last reason; so are
+    Each worker holds up to ``ITEMS_PER_WORKER`` items at once (it reads one while it computes
+    another). Items whose attempts are all used up are returned in ``failed`` with the last reason; so are
     the items left when no worker could be started (each worker at most ``max_attempts`` times) or
     none started within ``start_timeout_s`` while no item was running.
     """
@@ -259,7 +261,8 @@ def run_pool(
         return out
     n_workers = min(resources.workers, len(items))
     starting: dict[Any, Any] = {}  # readiness probe -> worker not yet started
-    idle: deque[Any] = deque()
+    free: dict[Any, int] = {}  # started worker -> item slots it has free
+    dead: set[Any] = set()
     queue: deque[tuple[Any, int]] = deque((item, 1) for item in items)
     inflight: dict[Any, tuple[Any, Any, int]] = {}
     start_failures, last_start_error = 0, ""
@@ -283,8 +286,11 @@ def run_pool(
         start()
     try:
         while queue or inflight:
-            while queue and idle:
-                actor = idle.popleft()
+            while queue and free:
+                actor = max(free, key=free.__getitem__)
+                if free[actor] == 0 or (free[actor] < ITEMS_PER_WORKER and len(queue) <= len(starting)):
+                    break  # a second item for a busy worker only when the workers still starting get theirs
+                free[actor] -= 1
                 item, attempt = queue.popleft()
                 inflight[actor.run.remote(item)] = (actor, item, attempt)
             if not inflight and not starting:
@@ -310,27 +316,32 @@ def run_pool(
                     if start_failures < max_attempts * n_workers:
                         start()
                     continue
-                idle.append(actor)
+                free[actor] = ITEMS_PER_WORKER
                 continue
             actor, item, attempt = inflight.pop(ref)
             try:
                 result = ray.get(ref)
             except RayActorError as exc:
-                out.replaced_workers += 1
-                ray.kill(actor, no_restart=True)
-                start()
+                if actor not in dead:  # its other items fail the same way; replace it once
+                    dead.add(actor)
+                    out.replaced_workers += 1
+                    ray.kill(actor, no_restart=True)
+                    free.pop(actor, None)
+                    start()
                 retry(item, attempt, reason_of(exc))
                 continue
             except RayTaskError as exc:
-                idle.append(actor)
+                if actor not in dead:
+                    free[actor] += 1
                 retry(item, attempt, reason_of(exc))
                 continue
-            idle.append(actor)
+            if actor not in dead:
+                free[actor] += 1
             out.results.append(result)
             if on_result is not None:
                 on_result(item, result)
     finally:
-        for actor in [*idle, *starting.values(), *(a for a, _, _ in inflight.values())]:
+        for actor in {*free, *starting.values(), *(a for a, _, _ in inflight.values())} - dead:
             ray.kill(actor, no_restart=True)
     return out
 

@@ -1,6 +1,7 @@
 """The discover stage: what annotators see for every (class, feature) pair (its top images,
 heatmaps and feature attacks) and the crowd-task table ``discover/tasks.csv``. An item is a pair;
-the workers make all the pairs of a class in one batch."""
+the workers make the pairs of a few classes at once (about ``compute.batch_size`` images; a
+class's pairs always together)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import functools
 from collections.abc import Callable
 
 from salient import discover, metadata, tables
-from salient.config import DiscoverConfig, ModelConfig, PreprocessConfig
+from salient.config import ComputeConfig, DiscoverConfig, ModelConfig, PreprocessConfig
 from salient.stage import Item, Run, Stage, fail
 
 
-def _runner(model: ModelConfig, preprocess: PreprocessConfig, cfg: DiscoverConfig, threads: int | None) -> discover.DiscoverRunner:
-    return discover.DiscoverRunner(model, preprocess, cfg, threads=threads)
+def _runner(
+    model: ModelConfig, preprocess: PreprocessConfig, compute: ComputeConfig, cfg: DiscoverConfig, threads: int | None,
+) -> discover.DiscoverRunner:
+    return discover.DiscoverRunner(model, preprocess, compute, cfg, threads=threads)
 
 
 class Discover(Stage):
@@ -41,15 +44,16 @@ class Discover(Stage):
             classes.setdefault(p.class_index, discover.ClassWork(p.class_index, cfg.dataset.root, run.build)).pairs.append(p)
         by_fp = {item.key: item for item in todo}
 
-        def made(work: discover.ClassWork, records: list[dict]) -> None:
+        def made(group: list[discover.ClassWork], records: list[dict]) -> None:
             for record in records:
                 done(by_fp[record["fingerprint"]], record)
 
         result = run.executor.pool(
-            functools.partial(_runner, cfg.model, cfg.preprocess, cfg.discover), [classes[c] for c in sorted(classes)],
+            functools.partial(_runner, cfg.model, cfg.preprocess, cfg.compute, cfg.discover),
+            discover.group_classes([classes[c] for c in sorted(classes)], cfg.compute.batch_size),
             uses_gpus=True, on_result=made, max_attempts=self.max_attempts,
         )
-        fail(self, [(by_fp[p.fingerprint], reason) for work, reason in result.failed for p in work.pairs])
+        fail(self, [(by_fp[p.fingerprint], reason) for group, reason in result.failed for work in group for p in work.pairs])
 
     def commit(self, run: Run, results: list[tuple[Item, dict, str]]) -> dict:
         cfg = run.config

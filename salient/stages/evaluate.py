@@ -1,7 +1,8 @@
 """The evaluate stage: clean, core and spurious accuracy of every configured classifier at every
 noise level. An item is one (model, sigma): the model's predictions on every masked image, clean
-and noisy, kept in ``evaluation/predictions/<model>/sigma-<sigma>.parquet``; the workers run all the
-missing sigmas of a model together over blocks of images. The tables and charts are made from the
+and noisy, kept in ``evaluation/predictions/<model>/sigma-<sigma>.parquet``. One pool of workers
+goes over blocks of images; each worker holds every model with missing items and runs each of them
+at its missing sigmas on every image it decodes. The tables and charts are made from the
 predictions on every run."""
 
 from __future__ import annotations
@@ -13,16 +14,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from salient import evaluate, plots, preflight, storage, tables
-from salient.config import Config, EvalModelConfig, PreprocessConfig
+from salient.config import ComputeConfig, Config, EvalModelConfig, PreprocessConfig
+from salient.dataset import SalientMasks
 from salient.errors import InputError
 from salient.stage import Item, Run, Stage, fail
 
 
 def _runner(
-    entry: EvalModelConfig, build: str, root: str, preprocess: PreprocessConfig, sigmas: list[float], trials: int, seed: int,
-    batch_size: int, threads: int | None,
+    models: list[tuple[EvalModelConfig, list[float]]], build: str, root: str, preprocess: PreprocessConfig, compute: ComputeConfig,
+    trials: int, seed: int, threads: int | None,
 ) -> evaluate.EvalRunner:
-    return evaluate.EvalRunner(entry, build, root, preprocess, sigmas, trials, seed, batch_size=batch_size, threads=threads)
+    return evaluate.EvalRunner(models, build, root, preprocess, compute, trials, seed, threads=threads)
 
 
 def _index(run: Run) -> tuple[str, str]:
@@ -64,31 +66,44 @@ class Evaluate(Stage):
 
     def compute(self, run: Run, todo: list[Item], done: Callable[[Item, dict], None]) -> None:
         cfg, e = run.config, run.config.evaluate
-        index_uri, _ = _index(run)
-        index = storage.read_parquet(index_uri)
-        blocks = evaluate.blocks_of(evaluate.plan_images(index), e.images_per_block)
-        by_model: dict[str, list[Item]] = {}
+        _index(run)
+        store = SalientMasks(run.build)
+        size = store.array.shape[1:]
+        if tuple(size) != (cfg.preprocess.crop,) * 2:
+            raise InputError(
+                f"{run.build}: the masks are {size[0]}x{size[1]} pixels but preprocess.crop is {cfg.preprocess.crop}; "
+                "set it back, or run `salient generalize CONFIG` to remake the masks"
+            )
+        work = evaluate.plan_images(store.index)
+        blocks = evaluate.blocks_of(work, e.images_per_block, store.shard_rows)
+        models: dict[str, tuple[EvalModelConfig, list[float]]] = {}
         for item in todo:
-            by_model.setdefault(item.payload[0].name, []).append(item)
-        for name, items in by_model.items():
-            entry, sigmas = items[0].payload[0], [item.payload[1] for item in items]
-            run.log.info("%s: %d images in %d blocks at sigma %s", name, index.num_rows, len(blocks), sigmas)
-            tables = []
-            if blocks:
-                result = run.executor.pool(
-                    functools.partial(
-                        _runner, entry, run.build, cfg.dataset.root, cfg.preprocess, sigmas, e.trials, e.seed, cfg.compute.batch_size
-                    ),
-                    blocks, uses_gpus=True, max_attempts=self.max_attempts,
-                )
-                fail(self, [(item, result.failed[0][1]) for item in items] if result.failed else [])
-                tables = result.results
-            table = pa.concat_tables(tables) if tables else evaluate.results_table([])
-            clean = table.filter(pc.equal(table.column("condition"), evaluate.CLEAN))
-            for item, sigma in zip(items, sigmas):
-                part = pa.concat_tables([clean, table.filter(pc.equal(table.column("sigma"), sigma))])
+            entry, sigma = item.payload
+            models.setdefault(entry.name, (entry, []))[1].append(sigma)
+        run.log.info(
+            "evaluate: %d images in %d blocks; %s", len(work), len(blocks),
+            "; ".join(f"{name} at sigma {', '.join(f'{s:g}' for s in sigmas)}" for name, (_, sigmas) in models.items()),
+        )
+        results: list[evaluate.BlockResult] = []
+        if blocks:
+            pooled = run.executor.pool(
+                functools.partial(_runner, list(models.values()), run.build, cfg.dataset.root, cfg.preprocess, cfg.compute, e.trials, e.seed),
+                blocks, uses_gpus=True, max_attempts=self.max_attempts,
+            )
+            fail(self, [(item, pooled.failed[0][1]) for item in todo] if pooled.failed else [])
+            results = pooled.results
+            feed = {k: sum(r.feed[k] for r in results) for k in ("images", "read_s", "decode_s", "wait_s")}
+            run.log.info("evaluate: read %(images)d images (read %(read_s).1f s, decode %(decode_s).1f s, device waited %(wait_s).1f s)", feed)
+        # The kind of device that drew the noise: results are the same on every device of one kind.
+        noise_device = ",".join(sorted({r.noise_device for r in results})) or None
+        for name in models:
+            table = pa.concat_tables([r.predictions[name] for r in results]) if results else evaluate.results_table([])
+            is_clean = pc.equal(table.column("condition"), evaluate.CLEAN)
+            for item in (item for item in todo if item.payload[0].name == name):
+                sigma = item.payload[1]
+                part = table.filter(pc.or_(is_clean, pc.equal(table.column("sigma"), sigma))).sort_by(evaluate.RESULT_ORDER)
                 storage.write_parquet(storage.join(run.build, item.files[0]), part, item.key)
-                result_row = {"fingerprint": item.key, "model": name, "sigma": sigma, "predictions": part.num_rows}
+                result_row = {"fingerprint": item.key, "model": name, "sigma": sigma, "predictions": part.num_rows, "noise_device": noise_device}
                 storage.write_json(storage.join(run.build, item.marker), result_row)
                 done(item, result_row)
 

@@ -11,12 +11,12 @@ import functools
 import pyarrow as pa
 
 from salient import builds, masks, storage, tables
-from salient.config import ModelConfig, PreprocessConfig
+from salient.config import ComputeConfig, ModelConfig, PreprocessConfig
 from salient.stage import Builder, Item, Run, Stage
 
 
-def _runner(model: ModelConfig, preprocess: PreprocessConfig, batch_size: int, threads: int | None) -> masks.MaskRunner:
-    return masks.MaskRunner(model, preprocess, batch_size=batch_size, threads=threads)
+def _runner(model: ModelConfig, preprocess: PreprocessConfig, compute: ComputeConfig, threads: int | None) -> masks.MaskRunner:
+    return masks.MaskRunner(model, preprocess, compute, threads=threads)
 
 
 class Generalize(Stage):
@@ -49,7 +49,7 @@ class Generalize(Stage):
 
     def worker(self, run: Run) -> Builder:
         cfg = run.config
-        return functools.partial(_runner, cfg.model, cfg.preprocess, cfg.compute.batch_size)
+        return functools.partial(_runner, cfg.model, cfg.preprocess, cfg.compute)
 
     def on_result(self, run: Run, item: Item, result: dict) -> None:
         run.log.info(

@@ -38,8 +38,8 @@ class _KillBeforeCommit:
         return self.runner(block)
 
 
-def _killing_runner(once: str, model, preprocess, batch_size: int, threads: int | None) -> _KillBeforeCommit:
-    return _KillBeforeCommit(masks.MaskRunner(model, preprocess, batch_size=batch_size, threads=threads), once)
+def _killing_runner(once: str, model, preprocess, compute, threads: int | None) -> _KillBeforeCommit:
+    return _KillBeforeCommit(masks.MaskRunner(model, preprocess, compute, threads=threads), once)
 
 
 def test_worker_killed_mid_block_loses_and_duplicates_no_mask(reference, tmp_path, monkeypatch, ray_session, prefect_server):

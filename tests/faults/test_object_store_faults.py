@@ -71,6 +71,9 @@ class FlakyProxy(http.server.ThreadingHTTPServer):
     It stops after ``lifetime_s`` at the latest."""
 
     daemon_threads = True
+    # Workers read many objects at once, as they do from S3; the default backlog of 5 would refuse
+    # connections beyond the seeded faults.
+    request_queue_size = 256
 
     def __init__(self, upstream: str, share: float, seed: int = 0, lifetime_s: float = PROXY_LIFETIME_S) -> None:
         super().__init__(("127.0.0.1", 0), _RelayHandler)

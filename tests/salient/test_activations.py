@@ -89,7 +89,7 @@ def test_shard_matches_independent_computation_and_lists_failures(tmp_path):
         np.testing.assert_allclose(feats[i], ref, rtol=2e-3, atol=2e-3 * float(np.abs(ref).max()))
         assert preds[i] == ref_pred, rel
 
-    assert set(stats["seconds"]) == {"read", "decode", "infer", "write", "total"}
+    assert set(stats["seconds"]) == {"read", "decode", "wait", "infer", "write", "queued", "total"}
     assert storage.read_json(activations.stats_uri(out, 0))["fingerprint"] == "fp-shard"
 
 
@@ -103,3 +103,30 @@ def test_all_images_failing_still_commits_an_empty_shard(tmp_path):
     stats = runner(activations.ShardTask(shard, str(root), str(tmp_path / "out"), "f", "s"))
     assert (stats["images"], stats["failed"]) == (0, 1)
     assert pq.read_table(activations.table_uri(str(tmp_path / "out"), 0)).num_rows == 0
+
+
+def test_the_torchvision_decoder_gives_the_same_rows_and_features_within_2_percent(tmp_path):
+    root = tmp_path / "data"
+    make_image_folder(root, classes=3, per_class=4, size=(60, 80))
+    valid, broken = _odd_files(root)
+    ckpt = make_checkpoint(tmp_path / "r18.pt", num_classes=3, arch="resnet18")
+    listing = plan.list_images(str(root)).table
+    (shard,) = plan.shards_of(listing.append_column("shard", pa.array(np.zeros(listing.num_rows, np.int32))))
+    out = {}
+    for decoder in ("pil", "torchvision"):
+        runner = activations.ActivationRunner(
+            ModelConfig(checkpoint=ckpt, arch="resnet18"), PreprocessConfig(resize=72, crop=64, decoder=decoder),
+            ComputeConfig(batch_size=5, decode_threads=2), threads=2,
+        )
+        stats = runner(activations.ShardTask(shard, str(root), str(tmp_path / decoder), "fp-shard", "fp-stage"))
+        out[decoder] = (stats, pq.read_table(activations.table_uri(str(tmp_path / decoder), 0)))
+    (pil_stats, pil), (tv_stats, tv) = out["pil"], out["torchvision"]
+    assert tv.column("relpath").to_pylist() == pil.column("relpath").to_pylist()
+    assert sorted(f["relpath"] for f in tv_stats["failures"]) == broken, "a truncated JPEG fails with either decoder"
+    assert (pil_stats["decoder_fallbacks"], tv_stats["decoder_fallbacks"]) == (0, len(valid)), "every odd image is read by PIL"
+    a = np.asarray(pil.column("features").to_pylist(), np.float32)
+    b = np.asarray(tv.column("features").to_pylist(), np.float32)
+    rel = np.linalg.norm(a - b, axis=1) / np.linalg.norm(a, axis=1)
+    assert rel.max() < 0.02
+    odd = [i for i, r in enumerate(pil.column("relpath").to_pylist()) if r in valid]
+    assert np.array_equal(a[odd], b[odd]), "fallbacks are the reference pixels"

@@ -117,7 +117,7 @@ def test_masks_round_trip_through_s3(s3_server, tmp_path):
     todo = [item for item in items if committed_result(run, item) is None]
     n_blocks = len(items)
     assert n_blocks == len(todo) == math.ceil(n / SHARD) > 1
-    runner = masks.MaskRunner(cfg.model, cfg.preprocess, batch_size=2, threads=1, device="cpu")
+    runner = masks.MaskRunner(cfg.model, cfg.preprocess, cfg.compute.model_copy(update={"batch_size": 2}), threads=1, device="cpu")
     results = []
     for item in todo:
         result = runner(item.payload)

@@ -28,7 +28,7 @@ def _flat(d: dict, prefix: str = ""):
             yield f"{prefix}{k}", v
 
 
-def test_precision_changes_every_model_stage_key_and_how_work_is_spread_changes_none(activation_world):
+def test_precision_compilation_and_decoder_change_every_model_stage_key_and_how_work_is_spread_changes_none(activation_world):
     cfg, _ = activation_world
     model_stages = [s for s in stages.STAGES if "compute" in s.sections]
     assert {s.name for s in model_stages} >= {"activations", "discover", "generalize", "evaluate"}
@@ -44,8 +44,9 @@ def test_precision_changes_every_model_stage_key_and_how_work_is_spread_changes_
         "compute.scale_up_timeout_s=10", "evaluate.images_per_block=3",
     ))
     assert spread == base, "where and how fast work runs changes no key"
-    bf16 = keys(_with(cfg, "compute.precision=bf16"))
-    assert all(bf16[s.name] != base[s.name] for s in model_stages)
+    for changed in ("compute.precision=bf16", "compute.compile=default", "preprocess.decoder=torchvision"):
+        other = keys(_with(cfg, changed))
+        assert all(other[s.name] != base[s.name] for s in model_stages), changed
     assert keys(_with(cfg, "preprocess.max_pixels=10000"))["activations"] != base["activations"], "the whole preprocess section counts"
     assert keys(_with(cfg, "aggregate.top_k_neuron=7"))["aggregate"] != base["aggregate"]
 
