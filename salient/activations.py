@@ -26,7 +26,7 @@ from salient import storage, tables
 from salient import plan as planmod
 from salient.config import ComputeConfig, ModelConfig, PreprocessConfig
 from salient.inference import Inference
-from salient.stream import HostCopies, ImageStream
+from salient.stream import HostCopies, ImageStream, decode_threads
 
 CODE_VERSION = "activations-2"
 DIRNAME = tables.ACTIVATIONS_DIR  # kept for callers outside salient/
@@ -96,7 +96,7 @@ class ActivationRunner:
         self.inference = Inference.load(m.checkpoint, m.arch, m.format, self.compute, self.threads, self.device, need_discovery=True)
         self.device = self.inference.device
         self.width = self.inference.net.feature_dim
-        self.decode_threads = self.compute.decode_threads or max(1, self.threads or os.cpu_count() or 1)
+        self.decode_threads = decode_threads(self.compute, self.threads)
         self.stream = ImageStream(None, self.preprocess, self.device, self.compute.batch_size, self.decode_threads)
 
     def __call__(self, task: ShardTask, on_batch: Callable[[int], None] | None = None) -> dict:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from salient import attack, masks, nam, storage, stream, tables
 from salient.config import ComputeConfig, DiscoverConfig, ModelConfig, PreprocessConfig
 from salient.inference import Inference
 from salient.metadata import ClassInfo
-from salient.stream import Feed, HostCopies, ImageStream
+from salient.stream import Feed, HostCopies, ImageStream, decode_threads
 
 CODE_VERSION = "discover-1"
 STRIPS = ("images", "heatmaps", "attacks")
@@ -145,7 +144,7 @@ class DiscoverRunner:
         self.inference = Inference.load(
             m.checkpoint, m.arch, m.format, self.compute, threads=self.threads, device=self.device, need_discovery=True,
         )
-        threads = self.compute.decode_threads or self.threads or os.cpu_count() or 1
+        threads = decode_threads(self.compute, self.threads)
         self.stream = ImageStream(None, self.preprocess, self.inference.device, self.compute.batch_size, threads)
         self.encoders = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="png")
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import threading
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -32,7 +31,7 @@ from salient import images, tables
 from salient.config import ComputeConfig, EvalModelConfig, PreprocessConfig
 from salient.dataset import SalientMasks
 from salient.inference import Inference
-from salient.stream import Batch, HostCopies, ImageStream, refuse_failures
+from salient.stream import Batch, HostCopies, ImageStream, decode_threads, refuse_failures
 
 CODE_VERSION = "evaluate-2"
 # The tables this stage writes, in salient.tables; these names stay for callers outside salient/.
@@ -283,8 +282,7 @@ class EvalRunner:
         }
         self.device = next(iter(self.nets.values())).device
         self.store = SalientMasks(self.build)
-        decode_threads = self.compute.decode_threads or self.threads or os.cpu_count() or 1
-        self.stream = ImageStream(self.root, self.preprocess, self.device, self.compute.batch_size, decode_threads)
+        self.stream = ImageStream(self.root, self.preprocess, self.device, self.compute.batch_size, decode_threads(self.compute, self.threads))
         self.lock = threading.Lock()  # one device for every model
 
     def predictor(self, name: str) -> Predictor:

@@ -21,7 +21,6 @@ pair's images; every other mask is rebuilt from its cached NAM.
 from __future__ import annotations
 
 import bisect
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -38,7 +37,7 @@ from salient import builds, nam, storage, stream, tables
 from salient.config import ComputeConfig, GeneralizeConfig, ModelConfig, PreprocessConfig
 from salient.errors import InputError
 from salient.inference import Inference
-from salient.stream import Feed, HostCopies, ImageStream
+from salient.stream import Feed, HostCopies, ImageStream, decode_threads
 
 CODE_VERSION = "generalize-2"
 # Where the masks are, in salient.tables; these names stay for callers outside salient/.
@@ -293,8 +292,7 @@ class MaskRunner:
         self.inference = Inference.load(
             m.checkpoint, m.arch, m.format, self.compute, threads=self.threads, device=self.device, need_discovery=True,
         )
-        decode_threads = self.compute.decode_threads or self.threads or os.cpu_count() or 1
-        self.stream = ImageStream(None, self.preprocess, self.inference.device, self.compute.batch_size, decode_threads)
+        self.stream = ImageStream(None, self.preprocess, self.inference.device, self.compute.batch_size, decode_threads(self.compute, self.threads))
 
     def __call__(self, block: MaskBlock) -> dict:
         crop = self.preprocess.crop

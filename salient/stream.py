@@ -16,6 +16,7 @@ decoder cannot read (PNG, greyscale, CMYK, 16-bit, ...) are read by PIL; the fee
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 import fsspec.asyn
 import torch
 from salient import images, storage
-from salient.config import PreprocessConfig
+from salient.config import ComputeConfig, PreprocessConfig
 from salient.errors import ConfigError, InputError
 
 # Batches read and decoded ahead of the model, per feed.
@@ -84,6 +85,12 @@ def _read_error(exc: BaseException) -> str:
     if isinstance(exc, PermissionError):
         return f"{images.describe_error(exc)}; the file cannot be read with these credentials"
     return images.describe_error(exc)
+
+
+def decode_threads(compute: ComputeConfig, threads: int | None) -> int:
+    """A worker's decode threads: ``compute.decode_threads``, else the CPU threads it was given,
+    else every core of its machine."""
+    return compute.decode_threads or threads or os.cpu_count() or 1
 
 
 class ImageStream:
