@@ -120,9 +120,18 @@ def cat_many(fs: fsspec.AbstractFileSystem, paths: list[str], concurrency: int =
 
 def _try_cat(fs: fsspec.AbstractFileSystem, path: str) -> bytes | BaseException:
     try:
-        return retrying(lambda: fs.cat_file(path), f"read {path}")
+        return retrying(lambda: _cat_file(fs, path), f"read {path}")
     except (FileNotFoundError, PermissionError) as exc:
         return exc
+
+
+def _cat_file(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    # a local file read through fsspec's file object costs ten times a plain read (exactly the
+    # local filesystem: a subclass may read differently)
+    if type(fs) is LocalFileSystem:
+        with open(path, "rb") as f:
+            return f.read()
+    return fs.cat_file(path)
 
 
 async def _cat_concurrently(fs: Any, paths: list[str], concurrency: int) -> list[bytes | BaseException]:
