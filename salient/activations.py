@@ -28,7 +28,9 @@ from salient.config import ComputeConfig, ModelConfig, PreprocessConfig
 from salient.inference import Inference
 from salient.stream import HostCopies, ImageStream, decode_threads
 
-CODE_VERSION = "activations-2"
+CODE_VERSION = "activations-3"
+# The stored feature types (``activations.dtype``), as Arrow types.
+DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 DIRNAME = tables.ACTIVATIONS_DIR  # kept for callers outside salient/
 
 
@@ -49,14 +51,15 @@ def content_key(stage: str, shard: planmod.Shard) -> str:
     return storage.fingerprint(stage, shard.relpaths, shard.sizes, shard.versions)
 
 
-def output_schema(width: int) -> pa.Schema:
+def output_schema(width: int, dtype: str = "float32") -> pa.Schema:
+    """The schema of a shard's table: ``features`` holds ``width`` values of ``dtype`` (a key of :data:`DTYPES`)."""
     return pa.schema(
         [
             ("relpath", pa.string()),
             ("image_id", pa.int64()),
             ("label", pa.int32()),
             ("pred", pa.int32()),
-            ("features", pa.list_(pa.float16(), width)),
+            ("features", pa.list_(DTYPES[dtype], width)),
             ("orientation", pa.int8()),  # EXIF orientation, not applied: 1..8, 1 when absent, 0 when invalid
         ]
     )
@@ -82,13 +85,15 @@ class ShardTask:
 class ActivationRunner:
     """Loads the model once, then computes shards: a shard's images stream in (read and decoded
     ahead, also while the worker's other shard holds the device), the model runs them in batches,
-    and the shard's table and stats are written after the device is free for the next shard."""
+    and the shard's table and stats are written after the device is free for the next shard.
+    ``dtype`` is the stored feature type (``activations.dtype``)."""
 
     model: ModelConfig
     preprocess: PreprocessConfig
     compute: ComputeConfig
     threads: int | None = None
     device: str | None = None
+    dtype: str = "float32"
     inference: Inference = field(init=False)
 
     def __post_init__(self) -> None:
@@ -133,17 +138,18 @@ class ActivationRunner:
             queued = t_device - t_start
 
         t0 = time.perf_counter()
-        features = torch.cat(feats).numpy().astype(np.float16) if feats else np.zeros((0, self.width), np.float16)
+        kind = DTYPES[self.dtype]
+        features = torch.cat(feats).numpy() if feats else np.zeros((0, self.width), np.float32)
         table = pa.table(
             {
                 "relpath": pa.array([shard.relpaths[i] for i in positions], pa.string()),
                 "image_id": pa.array([shard.image_ids[i] for i in positions], pa.int64()),
                 "label": pa.array([shard.labels[i] for i in positions], pa.int32()),
                 "pred": pa.array(torch.cat(preds).numpy() if preds else np.zeros(0, np.int32), pa.int32()),
-                "features": pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1), pa.float16()), self.width),
+                "features": pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1).astype(kind.to_pandas_dtype()), kind), self.width),
                 "orientation": pa.array(orientations, pa.int8()),
             },
-            schema=output_schema(self.width),
+            schema=output_schema(self.width, self.dtype),
         )
         storage.write_parquet(table_uri(task.build, shard.index), table, task.stage_fingerprint)
         write = time.perf_counter() - t0

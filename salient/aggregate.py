@@ -2,10 +2,17 @@
 per pair (docs/design.md §2), from the committed activation shards.
 
 Two streaming passes; each shard is reduced to a small partial and partials are merged in any
-order. Class sums are float64 sums of float16 values, which are exact for realistic activations, and
-top-k lists are merged by a total order (activation descending, then image_id ascending), so the
-result does not depend on how shards are spread or in which order they finish. Memory is bounded by
-the output (classes x features, neurons x k, pairs x K), not by the number of images.
+order. Everything is computed from the activations as stored (``activations.dtype``, float32 or
+float16). Class sums are float64 sums of the stored values (exact for float16; for float32 within
+float64 rounding), and top-k lists are merged by a total order on the exact stored values
+(activation descending, then image_id ascending), so the top images do not depend on how shards are
+spread or in which order they finish. Memory is bounded by the output (classes x features,
+neurons x k, pairs x K), not by the number of images.
+
+Pass 2 ranks each pair's images among three candidate sets (:data:`CANDIDATES`): the images filed
+under the pair's class, those predicted as it, and those both. ``topk/class.parquet`` holds the set
+of ``aggregate.grouping`` (D(c), what annotators are shown); ``topk/candidates.parquet`` holds all
+three, from which ``generalize.candidates`` picks the images that get masks.
 """
 
 from __future__ import annotations
@@ -25,13 +32,16 @@ from salient.metadata import ClassInfo
 
 GROUPINGS = ("prediction", "label")
 GROUP_COLUMN = {"prediction": "pred", "label": "label"}
-CODE_VERSION = "aggregate-1"
+# The candidate sets of a pair's top images (docs/design.md §2 "Top images"), in the order of pass 2.
+CANDIDATES = ("label", "label_and_prediction", "prediction")
+CODE_VERSION = "aggregate-2"
 
 # The tables this writes, in salient.tables; these names stay for callers outside salient/.
 CLASSES_TABLE = tables.CLASSES.path
 PAIRS_TABLE = tables.PAIRS.path
 TOPK_NEURON_TABLE = tables.TOPK_NEURON.path
 TOPK_CLASS_TABLE = tables.TOPK_CLASS.path
+TOPK_CANDIDATES_TABLE = tables.TOPK_CANDIDATES.path
 
 T = TypeVar("T")
 MapFn = Callable[[Callable[..., T], Sequence[tuple]], Iterable[T]]
@@ -45,36 +55,42 @@ def local_map(fn: Callable[..., T], args: Sequence[tuple]) -> Iterator[T]:
 
 # ---- a total order on (activation, image_id) packed into one int64 ----------------------------
 
-_NONE = np.int64(-1)  # pads lists shorter than k; below every real key
+# Pads lists shorter than k: the smallest int64, below every real key (a real key's low half,
+# 0xFFFFFFFF - image_id, is at least 1).
+_NONE = np.iinfo(np.int64).min
+MAX_IMAGE_ID = 0xFFFFFFFF - 1
 
 
 def sort_keys(acts: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """int64 keys whose descending order is activation descending, then image_id ascending.
 
-    ``acts`` are float16 (any shape); ``ids`` broadcast against them and lie in [0, 2**32).
+    ``acts`` are float32 or float16 (any shape; float16 widens to float32 exactly), ordered by
+    their exact values, 0.0 and -0.0 equal; ``ids`` broadcast against them and lie in
+    [0, :data:`MAX_IMAGE_ID`].
     """
     # + 0.0 turns -0.0 into 0.0, so equal activations get equal keys whatever their sign bit.
-    u = (np.ascontiguousarray(acts, dtype=np.float16) + np.float16(0)).view(np.uint16).astype(np.int64)
-    ordered = np.where(u & 0x8000, 0xFFFF - u, u | 0x8000)
+    u = (np.ascontiguousarray(acts, dtype=np.float32) + np.float32(0)).view(np.uint32).astype(np.int64)
+    # The float's bits as an unsigned integer in the float's order, then shifted to a signed high half.
+    ordered = np.where(u & 0x80000000, 0xFFFFFFFF - u, u | 0x80000000) - 0x80000000
     return (ordered << 32) | (0xFFFFFFFF - np.asarray(ids, dtype=np.int64))
 
 
 def decode_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(activations as float32, image_ids) of keys made by :func:`sort_keys`; -1 keys give NaN, -1."""
-    ordered = keys >> 32
-    u = np.where(ordered >= 0x8000, ordered - 0x8000, 0xFFFF - ordered).astype(np.uint16)
-    acts = u.view(np.float16).astype(np.float32)
+    """(activations as float32, image_ids) of keys made by :func:`sort_keys`; padding gives NaN, -1."""
+    ordered = (keys >> 32) + 0x80000000
+    u = np.where(ordered >= 0x80000000, ordered - 0x80000000, 0xFFFFFFFF - ordered).astype(np.uint32)
+    acts = u.view(np.float32)
     ids = 0xFFFFFFFF - (keys & 0xFFFFFFFF)
     none = keys == _NONE
-    return np.where(none, np.nan, acts), np.where(none, -1, ids)
+    return np.where(none, np.nan, acts).astype(np.float32), np.where(none, -1, ids)
 
 
 def top_k(keys: np.ndarray, k: int) -> np.ndarray:
-    """The ``k`` largest keys of each column, sorted descending, padded with -1: shape ``[k, m]``."""
+    """The ``k`` largest keys of each column, sorted descending, padded with :data:`_NONE`: shape ``[k, m]``."""
     n, m = keys.shape
     if n > k:
         keys = np.take_along_axis(keys, np.argpartition(keys, n - k, axis=0)[n - k :], axis=0)
-    keys = -np.sort(-keys, axis=0)
+    keys = np.sort(keys, axis=0)[::-1]
     if keys.shape[0] < k:
         keys = np.concatenate([keys, np.full((k - keys.shape[0], m), _NONE)], axis=0)
     return keys
@@ -88,21 +104,30 @@ class ShardData:
     image_ids: np.ndarray  # [n] int64
     labels: np.ndarray  # [n] int64
     preds: np.ndarray  # [n] int64
-    features: np.ndarray  # [n, D] float16
+    features: np.ndarray  # [n, D] as stored: float32 or float16
 
     def groups(self, grouping: str) -> np.ndarray:
         return self.preds if grouping == "prediction" else self.labels
+
+    def candidates(self, rule: str, c: int) -> np.ndarray:
+        """The rows of the candidate set ``rule`` (one of :data:`CANDIDATES`) of class ``c``."""
+        if rule == "label_and_prediction":
+            return np.flatnonzero((self.labels == c) & (self.preds == c))
+        return np.flatnonzero(self.groups(rule) == c)
 
 
 def read_shard(uri: str) -> ShardData:
     table = storage.read_parquet(uri, columns=["image_id", "label", "pred", "features"])
     width = table.schema.field("features").type.list_size
     feats = table.column("features").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    ids = table.column("image_id").to_numpy().astype(np.int64)
+    if len(ids) and (ids.min() < 0 or ids.max() > MAX_IMAGE_ID):
+        raise InputError(f"{uri}: image ids outside [0, {MAX_IMAGE_ID}]; run `salient activations CONFIG` again")
     return ShardData(
-        table.column("image_id").to_numpy().astype(np.int64),
+        ids,
         table.column("label").to_numpy().astype(np.int64),
         table.column("pred").to_numpy().astype(np.int64),
-        feats.astype(np.float16, copy=False).reshape(-1, width),
+        feats.reshape(-1, width),
     )
 
 
@@ -175,28 +200,30 @@ def select_pairs(fi: np.ndarray, counts: np.ndarray, features_per_class: int) ->
     return pairs
 
 
-# ---- pass 2: per-pair top-K within D(c) --------------------------------------------------------
+# ---- pass 2: per-pair top-K within each candidate set -------------------------------------------
 
 
-def shard_pair_keys(uri: str, pairs: Sequence[tuple[int, int]], grouping: str, k: int) -> np.ndarray:
-    """Pass-2 partial of one shard: the top-K keys of D(c) by neuron j for every pair (c, j): ``[K, P]``."""
+def shard_pair_keys(uri: str, pairs: Sequence[tuple[int, int]], k: int) -> np.ndarray:
+    """Pass-2 partial of one shard: for every candidate set of :data:`CANDIDATES` and every pair
+    (c, j), the top-K keys by neuron j of the set's images of class c: ``[len(CANDIDATES), K, P]``."""
     data = read_shard(uri)
-    groups = data.groups(grouping)
-    out = np.full((k, len(pairs)), _NONE)
+    out = np.full((len(CANDIDATES), k, len(pairs)), _NONE)
     by_class: dict[int, list[int]] = {}
     for p, (c, _) in enumerate(pairs):
         by_class.setdefault(c, []).append(p)
-    for c, ps in by_class.items():
-        rows = np.flatnonzero(groups == c)
-        if not len(rows):
-            continue
-        feats = data.features[rows][:, [pairs[p][1] for p in ps]]
-        out[:, ps] = top_k(sort_keys(feats, data.image_ids[rows][:, None]), k)
+    for s, rule in enumerate(CANDIDATES):
+        for c, ps in by_class.items():
+            rows = data.candidates(rule, c)
+            if not len(rows):
+                continue
+            feats = data.features[rows][:, [pairs[p][1] for p in ps]]
+            out[s][:, ps] = top_k(sort_keys(feats, data.image_ids[rows][:, None]), k)
     return out
 
 
 def _merge_keys(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return top_k(np.concatenate([a, b]), a.shape[0])
+    """Merge two pass-2 partials ``[S, K, P]``."""
+    return np.stack([top_k(np.concatenate([x, y]), a.shape[1]) for x, y in zip(a, b)])
 
 
 # ---- tables ------------------------------------------------------------------------------------
@@ -267,11 +294,11 @@ def run(inputs: AggregateInputs, cfg: AggregateConfig, map_fn: MapFn = local_map
     g = GROUPINGS.index(cfg.grouping)
     mean, fi = importance(merged.sums[g], merged.counts[g], inputs.fc_weight)
     pairs = select_pairs(fi, merged.counts[g], cfg.features_per_class)
-    pair_keys = np.full((cfg.top_k_class, 0), _NONE)
+    pair_keys = np.full((len(CANDIDATES), cfg.top_k_class, 0), _NONE)
     if pairs:
         cj = [(c, j) for c, j, _ in pairs]
         pair_keys = functools.reduce(
-            _merge_keys, map_fn(shard_pair_keys, [(u, cj, cfg.grouping, cfg.top_k_class) for u in inputs.shard_uris])
+            _merge_keys, map_fn(shard_pair_keys, [(u, cj, cfg.top_k_class) for u in inputs.shard_uris])
         )
 
     from salient import plan as planmod
@@ -330,17 +357,13 @@ def run(inputs: AggregateInputs, cfg: AggregateConfig, map_fn: MapFn = local_map
         }),
         fp, meta,
     )
-    per_pair = _topk_rows(pair_keys, relpaths, labels)
-    pair_of = [pairs[p] for p in per_pair.pop("column")]
+    per_set = {rule: _pair_topk(pair_keys[s], pairs, inputs.wnids, relpaths, labels) for s, rule in enumerate(CANDIDATES)}
+    storage.write_parquet(storage.join(build, tables.TOPK_CLASS.path), per_set[cfg.grouping], fp, meta)
     storage.write_parquet(
-        storage.join(build, tables.TOPK_CLASS.path),
-        pa.table({
-            "class_index": pa.array([c for c, _, _ in pair_of], pa.int32()),
-            "wnid": pa.array([inputs.wnids[c] for c, _, _ in pair_of], pa.string()),
-            "feature_index": pa.array([j for _, j, _ in pair_of], pa.int32()),
-            "feature_rank": pa.array([r for _, _, r in pair_of], pa.int32()),
-            **_topk_columns(per_pair),
-        }),
+        storage.join(build, tables.TOPK_CANDIDATES.path),
+        pa.concat_tables([
+            t.add_column(0, "candidates", pa.array([rule] * t.num_rows, pa.string())) for rule, t in per_set.items()
+        ]),
         fp, meta,
     )
     return {
@@ -350,9 +373,24 @@ def run(inputs: AggregateInputs, cfg: AggregateConfig, map_fn: MapFn = local_map
         "classes_without_images": int((counts_g == 0).sum()),
         "pairs": len(pairs),
         "grouping": cfg.grouping,
-        "topk_class_rows": len(pair_of),
+        "topk_class_rows": per_set[cfg.grouping].num_rows,
         "topk_neuron_rows": len(neuron["rank"]),
     }
+
+
+def _pair_topk(
+    keys: np.ndarray, pairs: Sequence[tuple[int, int, int]], wnids: Sequence[str], relpaths: dict[int, str], labels: dict[int, int],
+) -> pa.Table:
+    """The rows of a per-pair top-K table from its keys ``[K, P]``."""
+    per_pair = _topk_rows(keys, relpaths, labels)
+    pair_of = [pairs[p] for p in per_pair.pop("column")]
+    return pa.table({
+        "class_index": pa.array([c for c, _, _ in pair_of], pa.int32()),
+        "wnid": pa.array([wnids[c] for c, _, _ in pair_of], pa.string()),
+        "feature_index": pa.array([j for _, j, _ in pair_of], pa.int32()),
+        "feature_rank": pa.array([r for _, _, r in pair_of], pa.int32()),
+        **_topk_columns(per_pair),
+    })
 
 
 def _topk_columns(cols: dict[str, list]) -> dict[str, pa.Array]:

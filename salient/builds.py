@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib.metadata
 import json
+import logging
 import os
 import platform
 import re
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 
 from salient import storage, tables
 from salient.errors import Busy, InputError
+
+log = logging.getLogger(__name__)
 
 BUILDS = "builds"
 CACHE = "cache"
@@ -310,7 +313,8 @@ class Lease:
     def _body(self, released: bool = False) -> bytes:
         now = time.time()
         return json.dumps({
-            "owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "number": self.number,
+            "owner": self.owner, "host": socket.gethostname(), "boot_id": _boot_id(), "pid": os.getpid(),
+            "pid_start": _process_start(os.getpid()), "number": self.number,
             "renewed": now, "expires": now + self.ttl_s, "released": released,
         }).encode()
 
@@ -343,13 +347,47 @@ def _newest_lease(root: str) -> tuple[int, dict | None]:
         return newest, None
 
 
+def _boot_id() -> str | None:
+    """This boot of this machine (Linux), so that two machines with one hostname are told apart."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _process_start(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (Linux); None if there is no such
+    process (or no /proc). With the pid it names one process: pids are reused, start times not."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(b")") + 2 :].split()[19])  # field 22; the name before ")" may hold spaces
+
+
+def _holder_gone(body: dict) -> bool:
+    """Whether the lease's holder was a process on this machine, since this boot, that has ended."""
+    boot, pid = _boot_id(), body.get("pid")
+    if boot is None or body.get("boot_id") != boot or body.get("host") != socket.gethostname() or not isinstance(pid, int):
+        return False
+    return _process_start(pid) != body.get("pid_start")
+
+
 def acquire_lease(root: str, owner: str, ttl_s: float = LEASE_TTL_S, wait_s: float = 0.0, poll_s: float = 2.0) -> Lease:
     """Take the output root's lease, waiting up to ``wait_s`` for a live holder; ``LeaseHeld`` otherwise."""
     deadline = time.monotonic() + wait_s
     while True:
         newest, body = _newest_lease(root)
         # An unreadable lease object cannot be renewed by anyone: it counts as expired.
-        if body is None or body.get("released") or body.get("expires", 0) < time.time():
+        gone = body is not None and not body.get("released") and body.get("expires", 0) >= time.time() and _holder_gone(body)
+        if gone:
+            log.warning(
+                "taking over the lease on %s of %s: its process (pid %s) on this machine has ended without releasing it",
+                root, body.get("owner"), body.get("pid"),
+            )
+        if body is None or body.get("released") or body.get("expires", 0) < time.time() or gone:
             lease = Lease(root, owner, newest + 1, ttl_s)
             if storage.create_exclusive(lease.uri(), lease._body()):
                 return lease

@@ -188,14 +188,30 @@ def cmd_study_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_reference(args: argparse.Namespace) -> int:
+    from salient.reference import IMPORT_REJECTED, import_reference
+
+    cfg = _load(args)
+    if cfg.dataset is None or cfg.output is None:
+        raise InputError(f"{args.config}: `salient import reference` needs the dataset and output sections")
+    s = import_reference(args.release, cfg, args.answers or cfg.annotations.answers)
+    print(
+        f"imported {s['masks']} masks of {s['images']} images ({s['core']} core, {s['spurious']} spurious pairs "
+        f"from {s['answers']} answers) into {s['build']}, published as latest"
+    )
+    for reason, n in s["rejected_by_reason"].items():
+        print(f"rejected {n}: {reason} (listed in {IMPORT_REJECTED})")
+    return 0
+
+
 def cmd_export_reference(args: argparse.Namespace) -> int:
-    from salient.dataset import build_of, export_reference
+    from salient.dataset import build_of
+    from salient.reference import LEFT_OUT, export_reference
 
     s = export_reference(build_of(args.root, args.build), args.dest)
-    print(
-        f"exported {s['masks']} masks of {s['classes']} classes to {s['dest']}"
-        + (f" ({s['filed_elsewhere']} images filed under another class: see <wnid>/image_relpaths.csv)" if s["filed_elsewhere"] else "")
-    )
+    print(f"exported {s['masks']} masks of {s['classes']} classes to {s['dest']}")
+    for reason, n in s["left_out_reasons"].items():
+        print(f"left out {n} masks: image {reason} (listed in {LEFT_OUT})")
     return 0
 
 
@@ -301,11 +317,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_study_ingest)
 
     export = sub.add_parser("export", help="export a build for other tools").add_subparsers(dest="export_command", required=True)
-    p = export.add_parser("reference", help="the original release's layout: <wnid>/image_names_map.csv, <wnid>/feature_<j>/<stem>.png")
+    p = export.add_parser("reference", help="the original release's layout: wordnet_dict.py, <wnid>/image_names_map.csv, <wnid>/feature_<j>/<name>.JPEG")
     p.add_argument("root", metavar="OUT", help="output root (the config's `output`)")
     p.add_argument("dest", help="destination folder or URI")
     p.add_argument("--build", help="build id (default: the latest published build)")
     p.set_defaults(func=cmd_export_reference)
+
+    imp = sub.add_parser("import", help="publish a build from another tool's output").add_subparsers(dest="import_command", required=True)
+    p = imp.add_parser("reference", help="the original release's masks and MTurk answers, ready for `salient evaluate`")
+    p.add_argument("release", metavar="RELEASE", help="the release folder: wordnet_dict.py and <wnid>/ folders")
+    _config_args(p)
+    p.add_argument("--answers", action="append", default=[], metavar="CSV", help="an answer CSV in the paper's schema (repeatable)")
+    p.set_defaults(func=cmd_import_reference)
 
     p = sub.add_parser("synth", help="write the demo world: an ImageFolder dataset with ground-truth masks")
     p.add_argument("--out", required=True, help="output directory (or fsspec URI)")

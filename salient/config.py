@@ -40,8 +40,15 @@ OMIT = {"salient.key": "omit"}  # changes no output: how work is spread, where a
 BY_CONTENT = {"salient.key": "content"}  # a file: its content's SHA-256 counts, not its path
 
 
+# Config files are small: deeper nesting than this is a mistake or an attack (a parser recursing on
+# it would fail with a traceback).
+MAX_DEPTH = 32
+# The most characters of a value an error message shows.
+SHOW_CHARS = 200
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -49,6 +56,8 @@ class _Section(BaseModel):
         # YAML reads yes/no/on/off/true/false as booleans, which pydantic would take as 1 and 0.
         if isinstance(value, bool) or (isinstance(value, list) and any(isinstance(v, bool) for v in value)):
             raise ValueError("a true/false value (YAML reads yes, no, on, off, true and false as one); give a number or a text")
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must not be blank")
         return value
 
 
@@ -163,6 +172,16 @@ class ComputeConfig(_Section):
         return self
 
 
+class ActivationsConfig(_Section):
+    """How the penultimate features are stored (docs/design.md §3 ``activations``)."""
+
+    dtype: Literal["float32", "float16"] = Field(
+        "float32",
+        description="stored feature type; top images and importance are computed from the stored values "
+        "(float16 halves the shards but ties images that float32 tells apart)",
+    )
+
+
 class AggregateConfig(_Section):
     """Feature importance, the (class, feature) pairs and the top images (docs/design.md §2)."""
 
@@ -194,7 +213,12 @@ class AnnotationsConfig(_Section):
 class GeneralizeConfig(_Section):
     """Soft masks for the top images of every labelled pair (docs/design.md §2, §3)."""
 
-    images_per_pair: int = Field(65, gt=0, description="top images of D(c) per pair that get a mask")
+    images_per_pair: int = Field(65, gt=0, description="top images per pair that get a mask")
+    candidates: Literal["label", "label_and_prediction", "prediction"] = Field(
+        "label",
+        description="which images may get a pair's masks: filed under its class (as in the paper's release), "
+        "filed under and predicted as it, or predicted as it",
+    )
     masks_per_shard: int = Field(256, gt=0, description="masks per Zarr shard object (one writer each)")
 
 
@@ -225,6 +249,9 @@ class EvaluateConfig(_Section):
     sigmas: list[float] = Field(default_factory=lambda: [0.25], description="noise levels")
     trials: int = Field(1, gt=0, description="noise draws per image, averaged")
     seed: int = 0
+    mask_alignment: Literal["crop", "reference"] = Field(
+        "crop", description="crop: masks as stored; reference: Resize/CenterCrop again, as the original release's loader does"
+    )
     # The noise of an image depends on (seed, trial, image_id) alone, so blocks change no result.
     images_per_block: int = Field(128, gt=0, description="images per work item on the actor pool", json_schema_extra=OMIT)
 
@@ -246,13 +273,14 @@ class EvaluateConfig(_Section):
 class Config(BaseModel):
     """A whole Salient configuration. Every section is optional until a command needs it."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     dataset: DatasetConfig | None = None
     model: ModelConfig | None = None
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     output: str | None = Field(None, description="output root URI")
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    activations: ActivationsConfig = Field(default_factory=ActivationsConfig)
     aggregate: AggregateConfig = Field(default_factory=AggregateConfig)
     discover: DiscoverConfig = Field(default_factory=DiscoverConfig)
     annotations: AnnotationsConfig = Field(default_factory=AnnotationsConfig)
@@ -265,6 +293,30 @@ class Config(BaseModel):
         if value is not None and not value.strip():
             raise ValueError("must not be empty")
         return value
+
+    @model_validator(mode="after")
+    def _output_apart_from_the_dataset(self) -> Config:
+        if self.output is None or self.dataset is None:
+            return self
+        out, root = _comparable(self.output), _comparable(self.dataset.root)
+        if _within(out, root) or _within(root, out):
+            where = "is the dataset root" if out == root else "lies inside dataset.root" if _within(out, root) else "holds dataset.root"
+            raise ValueError(
+                f"output = {show(self.output)} {where} ({show(self.dataset.root)}): builds, caches and leases would be written among the images "
+                "(and read back as a class folder); choose an output folder apart from the dataset"
+            )
+        return self
+
+
+def _comparable(uri: str) -> str:
+    """A URI in one spelling: local paths absolute and normalised, no trailing slash."""
+    if storage.is_local(uri):
+        return os.path.normpath(os.path.abspath(os.path.expanduser(uri.removeprefix("file://"))))
+    return uri.rstrip("/")
+
+
+def _within(path: str, parent: str) -> bool:
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
 
 
 def _loc(loc: Iterable[Any]) -> str:
@@ -289,13 +341,69 @@ def _format_errors(exc: ValidationError, raw: dict[str, Any]) -> list[str]:
         key = _loc(loc) or "config"
         if err["type"] == "extra_forbidden":
             known = _known_keys(loc)
-            lines.append(f"{key} = {_value_at(raw, loc)!r}: unknown key; known keys here: {', '.join(known)}")
+            lines.append(f"{key} = {show(_value_at(raw, loc))}: unknown key; known keys here: {', '.join(known)}")
         elif err["type"] == "missing":
             lines.append(f"{key}: missing; set it in the config file or with --set {key}=...")
+        elif not loc:  # a rule across sections: its message names the keys
+            lines.append(err["msg"].removeprefix("Value error, "))
         else:
             msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{key} = {_value_at(raw, loc)!r}: {msg}")
+            lines.append(f"{key} = {show(_value_at(raw, loc))}: {msg}")
     return lines
+
+
+def show(value: Any) -> str:
+    """``repr(value)``, cut to at most :data:`SHOW_CHARS` characters (values come from a config,
+    which can hold no aliases: their repr is no larger than the config)."""
+    text = repr(value)
+    return text if len(text) <= SHOW_CHARS else text[: SHOW_CHARS - 1] + "…"
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader without aliases (``*name``: a few lines of them expand to gigabytes),
+    without duplicate keys (the last one would win silently), and at most :data:`MAX_DEPTH` deep."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed in a config; write the value out", self.peek_event().start_mark,
+            )
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_DEPTH} levels deep", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # unhashable: the safe loader says so itself
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {show(key)}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(text: str) -> Any:
+    """YAML text as Python values, read by :class:`_ConfigLoader`; ``ConfigError`` (one line) if it
+    is not valid YAML or breaks one of its rules."""
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 -- a SafeLoader
+    except yaml.MarkedYAMLError as exc:
+        where = f" (line {exc.problem_mark.line + 1}, column {exc.problem_mark.column + 1})" if exc.problem_mark else ""
+        raise ConfigError([f"{exc.problem or exc.context}{where}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([show(str(exc))]) from None
 
 
 def _known_keys(loc: Sequence[Any]) -> list[str]:
@@ -323,9 +431,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(path):
         raise ConfigError([f"--set {text!r}: expected section.key=value"])
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
-        parsed = value
+        parsed = read_yaml(value) if value.strip() else None
+    except ConfigError:
+        parsed = value  # not YAML, or YAML this loader refuses (an alias, a duplicate key, deep nesting): the text itself
     return path, parsed
 
 
@@ -339,7 +447,7 @@ def _set_in(raw: dict[str, Any], path: list[str], value: Any) -> None:
 
 
 def _resolve(value: Any, base_dir: str) -> Any:
-    if isinstance(value, str) and value and storage.is_local(value):
+    if isinstance(value, str) and value.strip() and storage.is_local(value):  # a blank one is refused as it is
         local = value.removeprefix("file://")
         if not os.path.isabs(os.path.expanduser(local)):
             return os.path.normpath(os.path.join(base_dir, local))
@@ -378,9 +486,9 @@ def load(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
         except UnicodeDecodeError:
             raise ConfigError([f"config file {path!r} is not UTF-8 text"]) from None
         try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError([f"config file {path!r} is not valid YAML: {str(exc).splitlines()[0]}"]) from None
+            loaded = read_yaml(text)
+        except ConfigError as exc:
+            raise ConfigError([f"config file {path!r} is not valid YAML: {exc.lines[0]}"]) from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError([f"config file {path!r} must hold a mapping of sections, not a {type(loaded).__name__}"])
         raw = loaded or {}

@@ -3,15 +3,11 @@ images with their core and spurious masks. Everything is read through fsspec."""
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
-import posixpath
 
 import numpy as np
 import torch
 import zarr
-from PIL import Image
 from torch.utils.data import Dataset
 from zarr.core.buffer import default_buffer_prototype
 
@@ -155,51 +151,3 @@ class SalientDataset(Dataset):
             np.maximum(target, self.masks.mask(i).astype(np.float32) / 255.0, out=target)
         return img, torch.from_numpy(core), torch.from_numpy(spurious), self._image_label[rel]
 
-
-def export_reference(root: str, dest: str) -> dict:
-    """Write the original release's layout under ``dest``: ``<wnid>/image_names_map.csv`` (one column
-    per feature, the image stems in rank order) and ``<wnid>/feature_<j>/<stem>.png``.
-
-    The reference notebooks open ``train/<wnid>/<stem>``; an image filed under another class folder
-    is named ``<its folder>__<stem>`` and listed with its own relpath in ``<wnid>/image_relpaths.csv``.
-    ``root`` is an output root (its ``latest`` build is exported) or a build directory.
-    """
-    m = SalientMasks(root)
-    cols = m.index.select(["class_index", "wnid", "feature_index", "rank", "relpath"]).to_pylist()
-    by_class: dict[str, dict[int, list[tuple[int, str, int]]]] = {}
-    for i, r in enumerate(cols):
-        by_class.setdefault(r["wnid"], {}).setdefault(r["feature_index"], []).append((r["rank"], r["relpath"], i))
-    written = elsewhere = 0
-    for wnid, features in by_class.items():
-        storage.safe_relpath(wnid)
-        stems: dict[int, list[str]] = {}
-        moved: list[tuple[int, str, str]] = []
-        for j, items in sorted(features.items()):
-            stems[j] = []
-            for _, rel, i in sorted(items):
-                stem = posixpath.splitext(posixpath.basename(rel))[0]
-                if posixpath.dirname(rel) != wnid:
-                    # filed under another class: a name that cannot collide with this class's own stems
-                    stem = posixpath.splitext(rel)[0].replace("/", "__")
-                stems[j].append(stem)
-                buf = io.BytesIO()
-                Image.fromarray(m.mask(i)).save(buf, format="PNG")
-                storage.write_bytes_atomic(storage.join(dest, wnid, f"feature_{j}", f"{stem}.png"), buf.getvalue())
-                written += 1
-                if posixpath.dirname(rel) != wnid:
-                    moved.append((j, stem, rel))
-        depth = max(len(v) for v in stems.values())
-        text = io.StringIO()
-        writer = csv.writer(text, lineterminator="\n")
-        writer.writerow([str(j) for j in stems])
-        for k in range(depth):
-            writer.writerow([v[k] if k < len(v) else "" for v in stems.values()])
-        storage.write_bytes_atomic(storage.join(dest, wnid, "image_names_map.csv"), text.getvalue().encode())
-        if moved:
-            side = io.StringIO()
-            w = csv.writer(side, lineterminator="\n")
-            w.writerow(["feature_index", "image_name", "relpath"])
-            w.writerows(moved)
-            storage.write_bytes_atomic(storage.join(dest, wnid, "image_relpaths.csv"), side.getvalue().encode())
-            elsewhere += len(moved)
-    return {"classes": len(by_class), "masks": written, "filed_elsewhere": elsewhere, "dest": dest}

@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import torch
 
-from salient import tables
+from salient import reference, tables
 from salient.config import ComputeConfig, EvalModelConfig, PreprocessConfig
 from salient.dataset import SalientMasks
 from salient.inference import Inference
 from salient.stream import Batch, HostCopies, ImageStream, decode_threads, refuse_failures
 
-CODE_VERSION = "evaluate-3"
+CODE_VERSION = "evaluate-4"
 # The tables this stage writes, in salient.tables; these names stay for callers outside salient/.
 CLASSES_TABLE = tables.EVAL_CLASSES.path
 SUMMARY_TABLE = tables.EVAL_SUMMARY.path
@@ -67,12 +67,22 @@ class ImageWork:
     conditions: list[Condition] = field(default_factory=list)
 
 
+def scored(index: pa.Table) -> list[bool]:
+    """Per row of the mask index, whether evaluation scores it: an image counts for class c only
+    if it is filed under c (``image_label`` equals ``class_index``)."""
+    return [a == b for a, b in zip(index.column("image_label").to_pylist(), index.column("class_index").to_pylist())]
+
+
 def plan_images(index: pa.Table) -> list[ImageWork]:
-    """Every image of the mask index with its conditions, in image_id order."""
+    """Every image of the mask index with its conditions, in image_id order; rows that are not
+    :func:`scored` make no condition, and an image with none is not planned."""
     cols = index.select(["relpath", "image_id", "class_index", "feature_index", "label"]).to_pydict()
     work: dict[int, ImageWork] = {}
     sets: dict[tuple[int, int, str], list[int]] = defaultdict(list)
-    for row, (rel, iid, c, j, label) in enumerate(zip(cols["relpath"], cols["image_id"], cols["class_index"], cols["feature_index"], cols["label"])):
+    rows = zip(cols["relpath"], cols["image_id"], cols["class_index"], cols["feature_index"], cols["label"], scored(index))
+    for row, (rel, iid, c, j, label, counts) in enumerate(rows):
+        if not counts:
+            continue
         item = work.setdefault(iid, ImageWork(rel, iid))
         item.conditions.append(Condition(f"pair:{c}:{j}", c, [row]))
         sets[(iid, c, label)].append(row)
@@ -93,13 +103,16 @@ class EvalBlock:
 
 def blocks_of(work: list[ImageWork], size: int, shard_rows: int) -> list[EvalBlock]:
     """``work`` (in mask-row order) cut into blocks of at least ``size`` images, the last one the
-    rest. A block ends at the first image boundary after that which is also a boundary of the
-    mask shard objects (``shard_rows`` rows each), so that blocks read whole shards, none twice."""
+    rest. A block ends at the first image boundary after that where the next image's rows start
+    in a later mask shard object (``shard_rows`` rows each) than this one's end, so that blocks
+    read whole shards, none twice."""
     blocks: list[EvalBlock] = []
     start = 0
     for k, item in enumerate(work):
-        end = max(r for cond in item.conditions for r in cond.rows) + 1
-        if k + 1 == len(work) or (k + 1 - start >= size and end % shard_rows == 0):
+        last = max(r for cond in item.conditions for r in cond.rows)
+        if k + 1 == len(work) or (
+            k + 1 - start >= size and min(r for cond in work[k + 1].conditions for r in cond.rows) // shard_rows > last // shard_rows
+        ):
             mine = work[start : k + 1]
             rows = [r for it in mine for cond in it.conditions for r in cond.rows]
             blocks.append(EvalBlock(len(blocks), mine, min(rows), max(rows) + 1))
@@ -303,6 +316,7 @@ class EvalRunner:
     compute: ComputeConfig
     trials: int
     seed: int
+    mask_alignment: str = "crop"
     threads: int | None = None
     device: str | None = None
 
@@ -340,7 +354,10 @@ class EvalRunner:
             }
             noise = lambda image_id, trial: drawn[(image_id, trial)].result()  # noqa: E731
         try:
-            rows = torch.from_numpy(self.store.rows(block.lo, block.hi))
+            rows = self.store.rows(block.lo, block.hi)
+            if self.mask_alignment == "reference":
+                rows = reference.loader_alignment(rows, self.preprocess.resize, self.preprocess.crop)
+            rows = torch.from_numpy(rows)
             with self.lock:
                 predictions = evaluate_block(
                     {e.name: (self.predictor(e.name), sigmas) for e, sigmas in self.models},
@@ -364,17 +381,22 @@ def _drop(clean: float | None, noisy: float | None) -> float | None:
 
 
 def build_tables(index: pa.Table, results: dict[tuple[str, float], pa.Table]) -> tuple[pa.Table, pa.Table, pa.Table]:
-    """(pairs, classes, summary) for every (model, sigma) from their per-image predictions."""
+    """(pairs, classes, summary) for every (model, sigma) from their per-image predictions, over
+    the :func:`scored` rows of the mask index (docs/evaluation.md "Tables")."""
     idx = index.select(["class_index", "feature_index", "feature_rank", "label", "image_id"]).to_pylist()
     pair_images: dict[tuple[int, int], list[int]] = defaultdict(list)
     pair_meta: dict[tuple[int, int], tuple[int, str]] = {}
+    other_class: dict[tuple[int, int], int] = defaultdict(int)
     set_images: dict[tuple[int, str], set[int]] = defaultdict(set)
-    for r in idx:
+    for r, counts in zip(idx, scored(index)):
         key = (r["class_index"], r["feature_index"])
-        pair_images[key].append(r["image_id"])
         pair_meta[key] = (r["feature_rank"], r["label"])
+        if not counts:
+            other_class[key] += 1
+            continue
+        pair_images[key].append(r["image_id"])
         set_images[(r["class_index"], r["label"])].add(r["image_id"])
-    classes = sorted({c for c, _ in pair_images})
+    classes = sorted({c for c, _ in pair_meta})
     pair_rows, class_rows, summary_rows = [], [], []
     for (model, sigma), table in sorted(results.items()):
         clean: dict[int, int] = {}
@@ -389,13 +411,14 @@ def build_tables(index: pa.Table, results: dict[tuple[str, float], pa.Table]) ->
             preds = [p for i in ids for p in noisy[(cond, i)]]
             return _acc(preds, c)
 
-        for (c, j), ids in sorted(pair_images.items()):
+        for (c, j), (rank, label) in sorted(pair_meta.items()):
+            ids = pair_images[(c, j)]
             clean_acc = _acc([clean[i] for i in ids], c)
             noisy_acc = cond_acc(f"pair:{c}:{j}", ids, c)
-            rank, label = pair_meta[(c, j)]
             pair_rows.append({
                 "model": model, "sigma": sigma, "class_index": c, "feature_index": j, "feature_rank": rank, "label": label,
-                "n_images": len(ids), "clean_acc": clean_acc, "noisy_acc": noisy_acc, "drop": _drop(clean_acc, noisy_acc),
+                "n_images": len(ids), "n_other_class_images": other_class[(c, j)],
+                "clean_acc": clean_acc, "noisy_acc": noisy_acc, "drop": _drop(clean_acc, noisy_acc),
             })
         for c in classes:
             core_ids, spur_ids = sorted(set_images[(c, "core")]), sorted(set_images[(c, "spurious")])
@@ -413,7 +436,7 @@ def build_tables(index: pa.Table, results: dict[tuple[str, float], pa.Table]) ->
             })
         mine = [r for r in class_rows if r["model"] == model and r["sigma"] == sigma]
         row = {"model": model, "sigma": sigma}
-        for col in ("clean_acc", "core_acc", "spurious_acc", "core_drop", "spurious_drop"):
+        for col in ("clean_acc", "clean_acc_core_images", "clean_acc_spurious_images", "core_acc", "spurious_acc", "core_drop", "spurious_drop"):
             vals = [r[col] for r in mine if r[col] is not None]
             row[f"mean_{col}"] = sum(vals) / len(vals) if vals else None
             row[f"n_classes_{col}"] = len(vals)

@@ -36,8 +36,9 @@ class Inference:
         self.compiled = compute.compile != "none"
         forward = net.forward_normalized
         self._forward = torch.compile(forward, mode=compute.compile, dynamic=False) if self.compiled else forward
-        self.mean = torch.tensor(models.IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(models.IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        # the statistics the checkpoint says its classifier expects (models.normalization_of)
+        self.mean = net.mean.detach().to(device).reshape(1, 3, 1, 1)
+        self.std = net.std.detach().to(device).reshape(1, 3, 1, 1)
         # normalised = pixels * scale + shift: pixels in [0, 255] (uint8) or in [0, 1] (floats)
         self._affine = {True: (1.0 / (255.0 * self.std), -self.mean / self.std), False: (1.0 / self.std, -self.mean / self.std)}
         self._input: torch.Tensor | None = None

@@ -39,7 +39,7 @@ from salient.errors import InputError
 from salient.inference import Inference
 from salient.stream import Feed, HostCopies, ImageStream, decode_threads
 
-CODE_VERSION = "generalize-2"
+CODE_VERSION = "generalize-3"
 # Where the masks are, in salient.tables; these names stay for callers outside salient/.
 DIRNAME = tables.MASKS_DIR
 INDEX_TABLE = tables.MASK_INDEX.path
@@ -64,12 +64,17 @@ def _store(uri: str, read_only: bool) -> zarr.abc.store.Store:
 
 def plan_rows(build: str, cfg: GeneralizeConfig) -> pa.Table:
     """One row per mask to make: every pair labelled core or spurious, its top ``images_per_pair``
-    images, ordered by image (then class, then feature). ``label`` is the pair's label (core or
-    spurious); ``image_label`` the image's class folder."""
+    images among the candidate set ``cfg.candidates`` of ``topk/candidates.parquet``, ordered by
+    image (then class, then feature). ``label`` is the pair's label (core or spurious);
+    ``image_label`` the image's class folder."""
     labels = storage.read_parquet(storage.join(build, tables.LABELS.path), ["class_index", "feature_index", "label", "kind"])
     labels = labels.filter(pc.is_in(labels.column("label"), value_set=pa.array(["core", "spurious"])))
-    topk = storage.read_parquet(storage.join(build, tables.TOPK_CLASS.path))
-    topk = topk.filter(pc.less_equal(topk.column("rank"), cfg.images_per_pair))
+    uri = storage.join(build, tables.TOPK_CANDIDATES.path)
+    if not storage.exists(uri):
+        raise InputError(f"{uri} is missing: the build's aggregation predates candidate sets; run `salient aggregate CONFIG` again")
+    topk = storage.read_parquet(uri)
+    topk = topk.filter(pc.and_(pc.equal(topk.column("candidates"), cfg.candidates), pc.less_equal(topk.column("rank"), cfg.images_per_pair)))
+    topk = topk.drop_columns(["candidates"])
     topk = topk.rename_columns(["image_label" if c == "label" else c for c in topk.column_names])
     rows = topk.join(labels, keys=["class_index", "feature_index"], join_type="inner")
     rows = rows.sort_by([("image_id", "ascending"), ("class_index", "ascending"), ("feature_index", "ascending")])

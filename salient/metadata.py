@@ -21,13 +21,17 @@ class ClassInfo:
     supercategory: str
 
 
+# ImageNet's, with glosses, is 0.3 MB: a file much larger is not class metadata.
+MAX_BYTES = 64 * 2**20
+
+
 def read_class_metadata(uri: str) -> list[ClassInfo]:
     """Every class of the CSV at ``uri``, ordered by class_index.
 
     Needs the columns ``class_index, wordnet_id, synset``; ``gloss`` and ``supercategory`` are optional.
     """
     try:
-        text = storage.read_bytes(uri).decode("utf-8-sig")
+        text = storage.read_input_file(uri, MAX_BYTES).decode("utf-8-sig")
     except UnicodeDecodeError:
         raise InputError("not UTF-8 text") from None
     reader = csv.DictReader(io.StringIO(text))

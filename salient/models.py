@@ -1,18 +1,24 @@
 """Classifiers as Salient sees them: ``[0, 1]`` RGB images in, ``(logits, features, maps)`` out.
 
 Checkpoints are read with ``torch.load(weights_only=True)`` only: a file that holds anything but
-tensors and plain containers is refused before any of it runs.
+tensors, plain containers and numpy numbers (:data:`NUMPY_SAFE_GLOBALS`) is refused before any of
+it runs. A model normalises its ``[0, 1]`` input itself, with the statistics its checkpoint says
+(a ``robustness`` checkpoint's own normaliser) or else the ImageNet ones.
 """
 
 from __future__ import annotations
 
 import io
 import pickle
+import re
+import threading
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Literal, NamedTuple
 
+import numpy as np
 import torch
+from numpy._core import multiarray
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock
 
@@ -24,8 +30,25 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 ROBUSTNESS_PREFIX = "module.model."
-# Present in every MadryLab `robustness` checkpoint beside the classifier; not part of the classifier.
+# Present in every MadryLab `robustness` checkpoint beside the classifier; not part of its weights.
 ROBUSTNESS_IGNORED_PREFIXES = ("module.attacker.", "module.normalizer.")
+# The normaliser a robustness model applies to its [0, 1] input (the attacker's copy is for attacks).
+ROBUSTNESS_NORMALIZER = "module.normalizer."
+ROBUSTNESS_ATTACK_NORMALIZER = "module.attacker.normalize."
+
+# What numpy numbers and arrays of them unpickle through, beside the tensors torch allows: numpy
+# scalars (e.g. a robustness checkpoint's ``nat_prec1``), numeric dtypes and arrays. Checkpoints
+# written with numpy 1 name the reconstructors under ``numpy.core``. Object arrays stay refused
+# (their dtype class is not listed).
+_NUMERIC_DTYPES = sorted({type(np.dtype(c)) for c in "?" + np.typecodes["AllInteger"] + "efd"}, key=lambda t: t.__name__)
+NUMPY_SAFE_GLOBALS: list = [
+    np.dtype, *_NUMERIC_DTYPES, np.ndarray,
+    multiarray.scalar, (multiarray.scalar, "numpy.core.multiarray.scalar"),
+    multiarray._reconstruct, (multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+]
+# torch's allowlist is process-wide: loads that widen it take turns so that one load's exit
+# cannot narrow it under another's feet.
+_SAFE_LOAD = threading.Lock()
 
 CheckpointFormat = Literal["robustness", "torchvision", "auto"]
 CHECKPOINT_FORMATS: tuple[str, ...] = ("robustness", "torchvision", "auto")
@@ -88,19 +111,22 @@ def is_resnet_like(net: nn.Module) -> bool:
 
 
 class SalientModel(nn.Module):
-    """An eval-mode classifier taking ``[0, 1]`` images, with ImageNet normalisation inside.
+    """An eval-mode classifier taking ``[0, 1]`` images, normalised inside with ``mean``/``std``
+    (per RGB channel; the ImageNet statistics unless the checkpoint has its own).
 
     ``supports_discovery`` is True when the network has a last conv stage and a final linear layer
     (ResNets and the like): then ``features`` are the global-average-pooled ``maps`` of that stage
     (after its ReLU) and ``fc_weight`` is the final layer's weight. Other classifiers give logits only.
     """
 
-    def __init__(self, net: nn.Module, arch: str) -> None:
+    def __init__(
+        self, net: nn.Module, arch: str, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
         super().__init__()
         self.net = net
         self.arch = arch
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.supports_discovery = is_resnet_like(net)
         self.eval()
 
@@ -125,7 +151,7 @@ class SalientModel(nn.Module):
         return self.forward_normalized((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
 
     def forward_normalized(self, x: Tensor) -> ModelOutput:
-        """The outputs for images already normalised with the ImageNet statistics."""
+        """The outputs for images already normalised with :attr:`mean` and :attr:`std`."""
         if not self.supports_discovery:
             return ModelOutput(self.net(x), None, None)
         n = self.net
@@ -250,12 +276,12 @@ def read_checkpoint(checkpoint: str, data: bytes | None = None) -> Mapping[str, 
     if problem is not None:
         raise CheckpointError(f"checkpoint {checkpoint!r} {problem}")
     try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with _SAFE_LOAD, torch.serialization.safe_globals(NUMPY_SAFE_GLOBALS):
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"checkpoint {checkpoint!r} holds pickled objects other than tensors and was refused "
-            f"({first[:200]}); nothing in it was run; {RESAVE_HINT}"
+            f"checkpoint {checkpoint!r} holds pickled objects other than tensors, plain containers and "
+            f"numpy numbers and was refused ({_refusal(exc)}); nothing in it was run; {RESAVE_HINT}"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise CheckpointError(
@@ -270,9 +296,43 @@ def read_checkpoint(checkpoint: str, data: bytes | None = None) -> Mapping[str, 
     return obj
 
 
+def _printable(text: str) -> str:
+    """``text`` on one line, with terminal escape codes removed and other control characters shown
+    as escapes (names in a refused file are the file's, not ours)."""
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in " ".join(text.split()))
+
+
+def _refusal(exc: pickle.UnpicklingError) -> str:
+    """What torch's weights-only unpickler refused (e.g. ``Unsupported global: GLOBAL os.system ...``),
+    without torch's advice to widen its allowlist or to load without it."""
+    # torch wraps the unpickler's own error, which names what was refused, in that advice
+    inner = exc.__context__ if isinstance(exc.__context__, pickle.UnpicklingError) else exc
+    text = str(inner)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1].split("Check the documentation of torch.load", 1)[0]
+    text = text.split(" Please use `torch.serialization", 1)[0]
+    return (_printable(text).strip().rstrip(".") or type(exc).__name__)[:200]
+
+
 def _is_state_dict(obj: object) -> bool:
     return isinstance(obj, Mapping) and bool(obj) and all(
         isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()
+    )
+
+
+def _inner_state(obj: Mapping[str, object]) -> Mapping[str, Tensor]:
+    """The state dict a checkpoint's top-level object is or holds under ``model`` / ``state_dict``."""
+    if _is_state_dict(obj):
+        return obj  # type: ignore[return-value]
+    for key in ("model", "state_dict"):
+        if _is_state_dict(obj.get(key)):
+            return obj[key]  # type: ignore[return-value]
+    keys = ", ".join(sorted(map(str, obj))[:6])
+    raise CheckpointError(
+        f"checkpoint has no state dict (top-level keys: {keys}); expected a state dict or a dict "
+        "with one under 'model' or 'state_dict'"
     )
 
 
@@ -280,26 +340,14 @@ def extract_state_dict(obj: Mapping[str, object], format: CheckpointFormat = "au
     """The classifier's plain state dict from a checkpoint's top-level object.
 
     ``robustness``: a dict with ``model`` (or ``state_dict``) whose classifier sits under
-    ``module.model.``; ``module.attacker.*`` and ``module.normalizer.*`` are ignored.
+    ``module.model.``; ``module.attacker.*`` and ``module.normalizer.*`` are left out (the
+    normaliser is read by :func:`normalization_of`).
     ``torchvision``: a plain state dict, or a dict holding one under ``state_dict`` / ``model``.
     ``auto``: whichever fits.
     """
     if format not in CHECKPOINT_FORMATS:
         raise CheckpointError(f"unknown checkpoint format {format!r}: use one of {', '.join(CHECKPOINT_FORMATS)}")
-    inner: Mapping[str, object] | None = None
-    if _is_state_dict(obj):
-        inner = obj
-    else:
-        for key in ("model", "state_dict"):
-            if _is_state_dict(obj.get(key)):
-                inner = obj[key]  # type: ignore[assignment]
-                break
-    if inner is None:
-        keys = ", ".join(sorted(map(str, obj))[:6])
-        raise CheckpointError(
-            f"checkpoint has no state dict (top-level keys: {keys}); expected a state dict or a dict "
-            "with one under 'model' or 'state_dict'"
-        )
+    inner = _inner_state(obj)
     is_robustness = any(k.startswith(ROBUSTNESS_PREFIX) for k in inner)
     if format == "robustness" and not is_robustness:
         raise CheckpointError(
@@ -328,6 +376,50 @@ def extract_state_dict(obj: Mapping[str, object], format: CheckpointFormat = "au
     if all(k.startswith("module.") for k in state):  # saved from DataParallel
         state = {k.removeprefix("module."): v for k, v in state.items()}
     return state
+
+
+Statistics = tuple[tuple[float, ...], tuple[float, ...]]
+
+
+def _normalizer(inner: Mapping[str, Tensor], prefix: str) -> Statistics | None:
+    """The (mean, std) of the robustness normaliser stored under ``prefix``, if there is one."""
+    mean, std = inner.get(prefix + "new_mean"), inner.get(prefix + "new_std")
+    if mean is None and std is None:
+        return None
+    fix = "fix it, or delete the normaliser's keys to use the ImageNet statistics"
+    if mean is None or std is None:
+        raise CheckpointError(f"robustness checkpoint has only one of {prefix}new_mean and {prefix}new_std; {fix}")
+    if mean.numel() != 3 or std.numel() != 3:
+        raise CheckpointError(
+            f"robustness checkpoint's {prefix}new_mean/new_std have {mean.numel()}/{std.numel()} values, "
+            f"not one per RGB channel; {fix}"
+        )
+    if not (bool(torch.isfinite(mean).all()) and bool(torch.isfinite(std).all()) and bool((std > 0).all())):
+        raise CheckpointError(
+            f"robustness checkpoint's {prefix}new_mean/new_std are not finite with a positive std "
+            f"(mean {mean.flatten().tolist()}, std {std.flatten().tolist()}); {fix}"
+        )
+    return tuple(mean.flatten().tolist()), tuple(std.flatten().tolist())
+
+
+def normalization_of(obj: Mapping[str, object]) -> Statistics:
+    """The per-channel (mean, std) the checkpoint's classifier expects its ``[0, 1]`` input
+    normalised with: a robustness checkpoint's own normaliser (``module.normalizer.new_mean`` /
+    ``new_std``, which the library applies before the classifier) when it has one, else ImageNet's.
+
+    A checkpoint whose attack normaliser (``module.attacker.normalize.*``) disagrees with it is refused.
+    """
+    inner = _inner_state(obj)
+    if not any(k.startswith(ROBUSTNESS_PREFIX) for k in inner):
+        return IMAGENET_MEAN, IMAGENET_STD
+    own, attack = _normalizer(inner, ROBUSTNESS_NORMALIZER), _normalizer(inner, ROBUSTNESS_ATTACK_NORMALIZER)
+    if own is not None and attack is not None and own != attack:
+        raise CheckpointError(
+            f"robustness checkpoint has two normalisers that disagree ({ROBUSTNESS_NORMALIZER}new_mean/new_std "
+            f"{list(own[0])}/{list(own[1])}, {ROBUSTNESS_ATTACK_NORMALIZER}new_mean/new_std {list(attack[0])}/"
+            f"{list(attack[1])}); make them equal, or delete both to use the ImageNet statistics"
+        )
+    return own or attack or (IMAGENET_MEAN, IMAGENET_STD)
 
 
 def _final_linear_weight(state: Mapping[str, Tensor]) -> tuple[str, Tensor]:
@@ -366,32 +458,43 @@ def _fit(net: nn.Module, state: Mapping[str, Tensor], arch: str) -> None:
 
 def load(checkpoint: str, arch: str = "resnet50", format: CheckpointFormat = "auto", data: bytes | None = None) -> SalientModel:
     """Load a classifier checkpoint (any fsspec URI, or ``data``, its bytes when they were read
-    already) as an eval-mode :class:`SalientModel` on the CPU."""
-    state = extract_state_dict(read_checkpoint(checkpoint, data), format)
+    already) as an eval-mode :class:`SalientModel` on the CPU, normalising as the checkpoint says
+    (:func:`normalization_of`)."""
+    obj = read_checkpoint(checkpoint, data)
+    state = extract_state_dict(obj, format)
+    mean, std = normalization_of(obj)
     net = build_arch(arch, num_classes_of(state))
     _fit(net, state, arch)
-    return SalientModel(net, arch)
+    return SalientModel(net, arch, mean, std)
 
 
-def robustness_checkpoint(net: nn.Module, epoch: int = 0, optimizer: Mapping[str, object] | None = None) -> dict[str, object]:
-    """A checkpoint dict laid out like the MadryLab ``robustness`` library's."""
+def robustness_checkpoint(
+    net: nn.Module, epoch: int = 0, optimizer: Mapping[str, object] | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+) -> dict[str, object]:
+    """A checkpoint dict laid out like the MadryLab ``robustness`` library's, whose normaliser holds
+    ``mean`` and ``std``."""
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     model: dict[str, Tensor] = {}
     for prefix in (ROBUSTNESS_PREFIX, "module.attacker.model."):
         model.update({prefix + k: v for k, v in state.items()})
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    for prefix in ("module.normalizer.", "module.attacker.normalize."):
-        model[prefix + "new_mean"] = mean
-        model[prefix + "new_std"] = std
+    for prefix in (ROBUSTNESS_NORMALIZER, ROBUSTNESS_ATTACK_NORMALIZER):
+        model[prefix + "new_mean"] = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        model[prefix + "new_std"] = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return {"model": model, "epoch": epoch, "optimizer": dict(optimizer or {}), "schedule": None}
 
 
 def save_checkpoint(net: nn.Module, uri: str, format: Literal["robustness", "torchvision"] = "robustness", epoch: int = 0) -> None:
-    """Write ``net``'s weights atomically to ``uri`` in the given checkpoint format."""
+    """Write ``net``'s weights atomically to ``uri`` in the given checkpoint format; a
+    :class:`SalientModel`'s statistics go into a robustness checkpoint's normaliser (a torchvision
+    state dict has no place for them: only ImageNet-normalised models can be saved so)."""
+    imagenet = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    mean, std = imagenet
     if isinstance(net, SalientModel):
-        net = net.net
-    obj = robustness_checkpoint(net, epoch) if format == "robustness" else net.state_dict()
+        mean, std, net = net.mean.detach().cpu().flatten(), net.std.detach().cpu().flatten(), net.net
+    if format == "torchvision" and not (torch.equal(mean, imagenet[0]) and torch.equal(std, imagenet[1])):
+        raise ValueError("a torchvision state dict cannot carry non-ImageNet statistics; save it in the robustness format")
+    obj = robustness_checkpoint(net, epoch, mean=mean.tolist(), std=std.tolist()) if format == "robustness" else net.state_dict()
     buf = io.BytesIO()
     torch.save(obj, buf)
     storage.write_bytes_atomic(uri, buf.getvalue())

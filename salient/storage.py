@@ -213,6 +213,26 @@ def read_bytes(uri: str) -> bytes:
     return retrying(lambda: fs.cat_file(path), f"read {uri}")
 
 
+def read_input_file(uri: str, limit: int) -> bytes:
+    """The bytes of a file a user names as an input: ``InputError`` (one line, to follow the key's
+    name) when it is not a regular file (a device such as /dev/zero, a pipe, a folder) or holds more
+    than ``limit`` bytes; FileNotFoundError when it does not exist."""
+    fs, path = url_to_fs(uri)
+    info = retrying(lambda: fs.info(path), f"look at {uri}")
+    if info.get("type") != "file":
+        raise InputError("not a regular file (a device, a pipe or a folder); point it at a file")
+    if (info.get("size") or 0) > limit:
+        raise InputError(f"holds {info['size']:,} bytes, more than the {limit:,} it may have; is it the right file?")
+    if isinstance(fs, LocalFileSystem):  # read no more than the limit, should the file grow meanwhile
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    else:
+        data = read_bytes(uri)
+    if len(data) > limit:
+        raise InputError(f"holds more than the {limit:,} bytes it may have; is it the right file?")
+    return data
+
+
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     """Write ``data`` to ``uri`` so that no partial object is ever visible under that name.
 

@@ -65,6 +65,10 @@ TOPK_CLASS = Table(
     "topk/class.parquet", "aggregate", "the top images of D(c) for every pair",
     ("class_index", "wnid", "feature_index", "feature_rank", "rank", "image_id", "relpath", "label", "activation"),
 )
+TOPK_CANDIDATES = Table(
+    "topk/candidates.parquet", "aggregate", "the top images of every pair within each candidate set",
+    ("candidates", "class_index", "wnid", "feature_index", "feature_rank", "rank", "image_id", "relpath", "label", "activation"),
+)
 TASKS = Table(
     "discover/tasks.csv", "discover", "one crowd task per pair",
     ("class_index", "wnid", "class_name", "definition", "supercategory", "feature_index", "feature_rank",
@@ -129,7 +133,7 @@ MANIFEST = Table(
 # In build order: each file after the files it is made from.
 ALL: tuple[Table, ...] = (
     PLAN, ACTIVATIONS,
-    CLASSES, IMPORTANCE, PAIRS, TOPK_NEURON, TOPK_CLASS,
+    CLASSES, IMPORTANCE, PAIRS, TOPK_NEURON, TOPK_CLASS, TOPK_CANDIDATES,
     TASKS,
     ANSWERS, LABELS, REJECTED,
     MASK_INDEX, MASKS,

@@ -7,13 +7,15 @@ import functools
 
 from salient import activations, builds, storage, tables
 from salient import plan as planmod
-from salient.config import ComputeConfig, ModelConfig, PreprocessConfig
+from salient.config import ActivationsConfig, ComputeConfig, ModelConfig, PreprocessConfig
 from salient.errors import InputError
 from salient.stage import Builder, Item, Run, Stage, committed_result
 
 
-def _runner(model: ModelConfig, preprocess: PreprocessConfig, compute: ComputeConfig, threads: int | None) -> activations.ActivationRunner:
-    return activations.ActivationRunner(model, preprocess, compute, threads=threads)
+def _runner(
+    model: ModelConfig, preprocess: PreprocessConfig, compute: ComputeConfig, stored: ActivationsConfig, threads: int | None,
+) -> activations.ActivationRunner:
+    return activations.ActivationRunner(model, preprocess, compute, threads=threads, dtype=stored.dtype)
 
 
 class Activations(Stage):
@@ -21,7 +23,7 @@ class Activations(Stage):
     help = "compute penultimate activations of every image"
     code_version = activations.CODE_VERSION
     requires = ("dataset", "model", "output")
-    sections = ("model", "preprocess", "compute")
+    sections = ("model", "preprocess", "compute", "activations")
     needs_discovery = True
     uses_gpus = True
 
@@ -54,7 +56,7 @@ class Activations(Stage):
 
     def worker(self, run: Run) -> Builder:
         cfg = run.config
-        return functools.partial(_runner, cfg.model, cfg.preprocess, cfg.compute)
+        return functools.partial(_runner, cfg.model, cfg.preprocess, cfg.compute, cfg.activations)
 
     def restore(self, run: Run, item: Item, entry: dict) -> dict:
         (table,) = [rel for rel in entry["files"] if rel.endswith(".parquet")]

@@ -22,9 +22,9 @@ from salient.stage import Item, Run, Stage, fail
 
 def _runner(
     models: list[tuple[EvalModelConfig, list[float]]], build: str, root: str, preprocess: PreprocessConfig, compute: ComputeConfig,
-    trials: int, seed: int, threads: int | None,
+    trials: int, seed: int, mask_alignment: str, threads: int | None,
 ) -> evaluate.EvalRunner:
-    return evaluate.EvalRunner(models, build, root, preprocess, compute, trials, seed, threads=threads)
+    return evaluate.EvalRunner(models, build, root, preprocess, compute, trials, seed, mask_alignment, threads=threads)
 
 
 def _index(run: Run) -> tuple[str, str]:
@@ -87,7 +87,7 @@ class Evaluate(Stage):
         results: list[evaluate.BlockResult] = []
         if blocks:
             pooled = run.executor.pool(
-                functools.partial(_runner, list(models.values()), run.build, cfg.dataset.root, cfg.preprocess, cfg.compute, e.trials, e.seed),
+                functools.partial(_runner, list(models.values()), run.build, cfg.dataset.root, cfg.preprocess, cfg.compute, e.trials, e.seed, e.mask_alignment),
                 blocks, uses_gpus=True, max_attempts=self.max_attempts,
             )
             fail(self, [(item, pooled.failed[0][1]) for item in todo] if pooled.failed else [])

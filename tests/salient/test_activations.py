@@ -130,3 +130,22 @@ def test_the_torchvision_decoder_gives_the_same_rows_and_features_within_2_perce
     assert rel.max() < 0.02
     odd = [i for i, r in enumerate(pil.column("relpath").to_pylist()) if r in valid]
     assert np.array_equal(a[odd], b[odd]), "fallbacks are the reference pixels"
+
+
+def test_features_are_stored_in_the_configured_type(tmp_path):
+    root = tmp_path / "data"
+    make_image_folder(root, classes=2, per_class=3, size=(32, 32))
+    ckpt = make_checkpoint(tmp_path / "t.pt", num_classes=2)
+    (shard,) = plan.shards_of(plan.list_images(str(root)).table.append_column("shard", pa.array(np.zeros(6, np.int32))))
+    stored = {}
+    for dtype in ("float32", "float16"):
+        out = str(tmp_path / dtype)
+        runner = activations.ActivationRunner(
+            ModelConfig(checkpoint=ckpt, arch="tiny_resnet"), PreprocessConfig(resize=32, crop=32), ComputeConfig(), threads=1, dtype=dtype,
+        )
+        runner(activations.ShardTask(shard, str(root), out, "fp", "fp"))
+        table = pq.read_table(activations.table_uri(out, 0))
+        assert table.schema.field("features").type == pa.list_(pa.from_numpy_dtype(np.dtype(dtype)), runner.width)
+        stored[dtype] = np.asarray(table.column("features").combine_chunks().flatten().to_numpy(), dtype)
+    assert stored["float32"].any()
+    assert np.array_equal(stored["float16"], stored["float32"].astype(np.float16)), "float16 is the float32 features rounded"

@@ -1,4 +1,5 @@
 import json
+import math
 import random
 
 import numpy as np
@@ -28,6 +29,7 @@ def _world(seed: int = 0):
 
 
 def _write(tmp_path, feats, labels, preds):
+    """Plan and activation shards of ``feats``, stored in their own dtype (float16 or float32)."""
     out = str(tmp_path / "out")
     n = len(labels)
     relpaths = [f"{WNIDS[labels[i]]}/img_{i:03d}.JPEG" for i in range(n)]
@@ -43,7 +45,7 @@ def _write(tmp_path, feats, labels, preds):
         table = pa.table({
             "relpath": [relpaths[i] for i in rows], "image_id": pa.array(rows, pa.int64()),
             "label": pa.array(labels[rows], pa.int32()), "pred": pa.array(preds[rows], pa.int32()),
-            "features": pa.FixedSizeListArray.from_arrays(pa.array(feats[rows].ravel(), pa.float16()), D),
+            "features": pa.FixedSizeListArray.from_arrays(pa.array(feats[rows].ravel(), pa.from_numpy_dtype(feats.dtype)), D),
         })
         uri = storage.join(out, "activations", f"part-{s:05d}.parquet")
         storage.write_parquet(uri, table, "fp")
@@ -142,3 +144,96 @@ def test_class_count_mismatch_and_no_shards(tmp_path):
         aggregate.run(aggregate.AggregateInputs(out, uris, w[:3], WNIDS, "fp"), AggregateConfig())
     with pytest.raises(ValueError, match="no activation shards"):
         aggregate.run(aggregate.AggregateInputs(out, [], w, WNIDS, "fp"), AggregateConfig())
+
+
+def _candidates(labels, preds, rule, c):
+    """The images of class ``c``'s candidate set ``rule``, by brute force."""
+    by_label, by_pred = labels == c, preds == c
+    keep = {"label": by_label, "prediction": by_pred, "label_and_prediction": by_label & by_pred}[rule]
+    return np.flatnonzero(keep)
+
+
+def _near_ties(seed: int = 0):
+    """float32 activations whose float16 roundings collide: values 2**-16 apart around 0.5, 1 and 2
+    (float16 steps there are 2**-11 to 2**-9), exact repeats (tied activations), and 0.0 / -0.0."""
+    rng = np.random.default_rng(seed)
+    n = sum(SHARD_SIZES)
+    base = rng.choice(np.array([0.5, 1.0, 2.0], np.float32), size=(n, D))
+    feats = (base + rng.integers(0, 6, (n, D)).astype(np.float32) * np.float32(2.0**-16)).astype(np.float32)
+    feats[rng.random((n, D)) < 0.1] = np.float32(0.0)
+    feats[rng.random((n, D)) < 0.1] = np.float32(-0.0)
+    labels = rng.integers(0, C, n)
+    preds = np.where(rng.random(n) < 0.5, labels, rng.integers(0, C, n))
+    w = rng.choice(np.array([-1.0, 0.5, 1.0, 2.0], np.float32), size=(C, D))
+    return feats, labels, preds, w
+
+
+@pytest.mark.parametrize("grouping", ["prediction", "label"])
+def test_float32_rankings_equal_a_float32_brute_force_with_near_ties(tmp_path, grouping):
+    feats, labels, preds, w = _near_ties()
+    out, uris, _ = _write(tmp_path, feats, labels, preds)
+    random.Random(5).shuffle(uris)
+    K = 6
+    cfg = AggregateConfig(grouping=grouping, features_per_class=3, top_k_class=K, top_k_neuron=7)
+    aggregate.run(aggregate.AggregateInputs(out, uris, w, WNIDS, "fp"), cfg)
+    ids = np.arange(len(labels))
+
+    def ranked(members, j, k):
+        # documented order (docs/design.md §2): activation descending (0.0 equals -0.0), then image_id ascending
+        return [(int(i), float(feats[i, j])) for i in sorted(members, key=lambda i: (-float(feats[i, j]), i))[:k]]
+
+    # float16 would have ranked these differently: the test data has ties that only float32 breaks
+    as16 = feats.astype(np.float16)
+    assert any(
+        [i for i, _ in ranked(ids, j, 7)] != sorted(ids, key=lambda i: (-float(as16[i, j]), i))[:7] for j in range(D)
+    )
+
+    tn = storage.read_parquet(f"{out}/topk/neuron.parquet").to_pylist()
+    assert [(r["feature_index"], r["image_id"], r["activation"]) for r in tn] == [
+        (j, i, a) for j in range(D) for i, a in ranked(ids, j, 7)
+    ]
+    assert storage.read_parquet(f"{out}/topk/neuron.parquet").schema.field("activation").type == pa.float32()
+
+    groups = preds if grouping == "prediction" else labels
+    imp = {(r["class_index"], r["feature_index"]): r for r in storage.read_parquet(f"{out}/importance.parquet").to_pylist()}
+    expected_pairs = []
+    for c in range(C):
+        members = ids[groups == c]
+        fi = [float(w[c, j]) * math.fsum(float(feats[i, j]) for i in members) / len(members) for j in range(D)]
+        for j in range(D):
+            assert imp[(c, j)]["importance"] == pytest.approx(fi[j], rel=1e-12, abs=1e-15)
+        expected_pairs += [(c, j) for j in sorted(range(D), key=lambda j: (-fi[j], j))[:3]]
+    pairs = [(r["class_index"], r["feature_index"]) for r in storage.read_parquet(f"{out}/pairs.parquet").to_pylist()]
+    assert pairs == expected_pairs
+
+    tc = storage.read_parquet(f"{out}/topk/class.parquet").to_pylist()
+    assert [(r["class_index"], r["feature_index"], r["image_id"], r["activation"]) for r in tc] == [
+        (c, j, i, a) for c, j in pairs for i, a in ranked(ids[groups == c], j, K)
+    ]
+    cand = storage.read_parquet(f"{out}/topk/candidates.parquet").to_pylist()
+    for rule in aggregate.CANDIDATES:
+        got = [(r["class_index"], r["feature_index"], r["rank"], r["image_id"], r["activation"]) for r in cand if r["candidates"] == rule]
+        want = [(c, j, rank, i, a) for c, j in pairs for rank, (i, a) in enumerate(ranked(_candidates(labels, preds, rule, c), j, K), start=1)]
+        assert got == want, rule
+    assert {r["candidates"] for r in cand} == set(aggregate.CANDIDATES)
+
+
+def test_float16_and_float32_keys_order_exactly_and_decode_back():
+    rng = np.random.default_rng(1)
+    acts32 = np.concatenate([
+        np.float32(1.0) + np.arange(8, dtype=np.float32) * np.float32(2.0**-23),  # adjacent float32 values
+        np.array([0.0, -0.0, -1.0, -1.0 - 2.0**-23, 3.4e38, -3.4e38, 1e-45, -1e-45, np.inf, -np.inf], np.float32),
+    ]).astype(np.float32)
+    ids = rng.permutation(len(acts32))
+    ids[1] = ids[0]  # the same image twice: equal keys when the activations are equal
+    with np.errstate(over="ignore"):  # +-3.4e38 become +-inf in float16
+        acts16 = acts32.astype(np.float16)
+    for acts in (acts32, acts16):
+        keys = aggregate.sort_keys(acts, ids)
+        back, back_ids = aggregate.decode_keys(keys)
+        assert back_ids.tolist() == ids.tolist() and np.array_equal(back, acts.astype(np.float32))
+        got = [(float(a), int(i)) for a, i in zip(*aggregate.decode_keys(aggregate.top_k(keys[:, None], len(acts))[:, 0]))]
+        assert got == sorted(((float(a), int(i)) for a, i in zip(acts, ids)), key=lambda t: (-t[0], t[1]))
+    padded = aggregate.top_k(aggregate.sort_keys(acts32[:3], ids[:3])[:, None], 5)[:, 0]
+    back, back_ids = aggregate.decode_keys(padded)
+    assert back_ids.tolist()[3:] == [-1, -1] and np.isnan(back[3:]).all() and (back_ids[:3] >= 0).all()

@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -146,3 +148,36 @@ def test_an_expired_lease_is_taken_over_and_a_waiter_gets_a_released_one(tmp_pat
     threading.Timer(0.5, fresh.release).start()
     waited = builds.acquire_lease(root, "waiter", ttl_s=60, wait_s=10, poll_s=0.1)
     assert waited.number == fresh.number + 1
+
+
+def test_a_lease_whose_process_on_this_machine_was_killed_is_taken_over_at_once(tmp_path, caplog):
+    root = str(tmp_path / "out")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from salient import builds; builds.acquire_lease(sys.argv[1], 'killed', ttl_s=600); "
+         "print('held', flush=True); time.sleep(120)", root],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(builds.LeaseHeld, match=r"killed on .* \(pid \d+\)"):  # alive: it holds the root
+            builds.acquire_lease(root, "next", ttl_s=60)
+    finally:
+        holder.kill()  # SIGKILL: no release
+        holder.wait()
+    with caplog.at_level("WARNING", logger="salient.builds"):
+        lease = builds.acquire_lease(root, "next", ttl_s=60)
+    assert lease.number == 2 and f"pid {holder.pid}" in caplog.text and "has ended" in caplog.text
+
+
+def test_a_lease_of_a_process_on_another_machine_waits_for_its_expiry(tmp_path):
+    root = str(tmp_path / "out")
+    lease = builds.acquire_lease(root, "elsewhere", ttl_s=600)
+    body = storage.read_json(lease.uri())
+    # the same pid and start time, but another machine (or this one before a reboot)
+    for other in ({"host": "another-host"}, {"boot_id": "0" * 32}):
+        storage.write_bytes_atomic(lease.uri(), json.dumps({**body, "pid": 2**22 + 1, **other}).encode())
+        with pytest.raises(builds.LeaseHeld, match="elsewhere"):
+            builds.acquire_lease(root, "next", ttl_s=60)
+    # on this machine, a pid that no longer exists
+    storage.write_bytes_atomic(lease.uri(), json.dumps({**body, "pid": 2**22 + 1}).encode())
+    assert builds.acquire_lease(root, "next", ttl_s=60).number == lease.number + 1

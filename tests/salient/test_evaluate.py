@@ -16,10 +16,12 @@ SEED = 7
 
 
 def _index(rows):
-    """A mask index: (class_index, feature_index, label, image_id) per mask row."""
+    """A mask index: (class_index, feature_index, label, image_id[, image_label]) per mask row; an
+    image is filed under its pair's class unless given."""
     return pa.table({
         "class_index": [r[0] for r in rows], "feature_index": [r[1] for r in rows], "feature_rank": [1] * len(rows),
         "label": [r[2] for r in rows], "image_id": [r[3] for r in rows], "relpath": [f"img{r[3]}.png" for r in rows],
+        "image_label": [r[4] if len(r) > 4 else r[0] for r in rows],
     })
 
 
@@ -161,6 +163,11 @@ def test_a_cue_only_model_loses_accuracy_under_noise_on_the_cue_only():
     summary = tables[2].to_pylist()[0]
     assert summary["mean_core_acc"] == pytest.approx(0.0) and summary["n_classes_core_acc"] == 2
     assert summary["mean_spurious_acc"] == 1.0 and summary["n_classes_spurious_acc"] == 1
+    # each noisy accuracy's baseline is the clean accuracy of the same images, averaged over the
+    # same classes: spurious images of class 0 {2, 3} right, of class 1 {4} wrong
+    assert summary["mean_clean_acc_spurious_images"] == 0.5 and summary["n_classes_clean_acc_spurious_images"] == 2
+    assert summary["mean_core_drop"] == pytest.approx(summary["mean_clean_acc_spurious_images"] - summary["mean_core_acc"])
+    assert summary["mean_clean_acc_core_images"] == 1.0 and summary["n_classes_clean_acc_core_images"] == 1
     pairs = {(r["class_index"], r["feature_index"]): r for r in tables[0].to_pylist()}
     assert pairs[(0, 20)]["drop"] == 1.0 and pairs[(0, 10)]["drop"] == 0.0 and pairs[(0, 20)]["n_images"] == 2
 
@@ -235,3 +242,22 @@ def test_an_image_that_cannot_be_read_fails_its_block():
     masks = torch.from_numpy(np.stack([_soft_masks(r) for r in range(block.lo, block.hi)]))
     with pytest.raises(InputError, match=r"img2\.png: OSError: truncated"):
         evaluate.evaluate_block({"m": (pixel_sum, [0.5])}, block, broken, masks, 1, SEED, 8)
+
+
+def test_an_image_is_scored_only_for_the_class_it_is_filed_under():
+    # image 5 (filed under class 0) has a mask of class 1's pair, image 2 one of class 1's too
+    rows = ROWS + [(1, 30, "spurious", 5, 0), (1, 30, "spurious", 2, 0)]
+    work = evaluate.plan_images(_index(rows))
+    assert [w.image_id for w in work] == [1, 2, 3, 4], "image 5 has no condition to score"
+    conds = {w.image_id: sorted(c.key for c in w.conditions) for w in work}
+    assert conds[2] == ["core:0", "pair:0:10", "pair:0:20", "spurious:0"], "image 2 counts for class 0 only"
+    assert all(r < len(ROWS) for w in work for c in w.conditions for r in c.rows)
+    # everything predicted 1: class 1's only scored image (4) is right, the others do not count
+    preds = [(iid, evaluate.CLEAN, -1, math.nan, -1, 1) for iid in (1, 2, 3, 4)]
+    preds += [(w.image_id, c.key, c.class_index, 0.5, 0, 1) for w in work for c in w.conditions]
+    pairs, classes, _ = evaluate.build_tables(_index(rows), {("m", 0.5): evaluate.results_table(preds)})
+    pair = next(r for r in pairs.to_pylist() if r["class_index"] == 1)
+    assert (pair["n_images"], pair["n_other_class_images"], pair["clean_acc"], pair["noisy_acc"]) == (1, 2, 1.0, 1.0)
+    by_class = {r["class_index"]: r for r in classes.to_pylist()}
+    assert by_class[1]["n_images"] == by_class[1]["n_spurious_images"] == 1 and by_class[1]["clean_acc"] == 1.0
+    assert by_class[0]["n_images"] == 3 and by_class[0]["clean_acc"] == 0.0

@@ -139,6 +139,7 @@ def _write_masks(build: str, rows: list) -> np.ndarray:
         "row": list(range(n)), "class_index": [r[0] for r in rows], "feature_index": [r[1] for r in rows],
         "feature_rank": [1] * n, "label": [r[2] for r in rows], "image_id": [r[3] for r in rows],
         "relpath": [f"n{r[3] % 3:04d}/img_{r[3]:03d}.png" for r in rows],
+        "image_label": [r[0] for r in rows],  # every row scored
     })
     storage.write_parquet(storage.join(build, tables.MASK_INDEX.path), index, "mask-index")
     masks = np.random.default_rng(1).integers(0, 256, (n, SIZE, SIZE), dtype=np.uint8)

@@ -119,3 +119,46 @@ def test_a_bad_checkpoint_fails_the_preflight_check_on_one_line(tmp_path):
         preflight.check(cfg, ["model"])
     assert len(err.value.lines) == 1 and err.value.lines[0].startswith(f"model.checkpoint = '{path}': checkpoint")
     assert not marker.exists()
+
+
+class _Call:
+    """Unpickling this calls ``func(*args)``."""
+
+    def __init__(self, func, *args) -> None:
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return (self.func, self.args)
+
+
+@pytest.mark.parametrize(
+    "payload, name",
+    [
+        (_Call(os.system, "true"), f"GLOBAL {os.system.__module__}.system"),  # posix.system on Linux
+        (_Call(eval, "1 + 1"), "GLOBAL eval"),
+        (np.array([1, "one"], dtype=object), "numpy.dtypes.ObjectDType"),  # numpy numbers load, objects do not
+    ],
+)
+def test_a_refusal_names_what_was_refused_on_one_clean_line(tmp_path, payload, name):
+    path = tmp_path / "refused.pt"
+    torch.save({"model": torchvision.models.resnet18(num_classes=3).state_dict(), "extra": payload}, path)
+    with pytest.raises(models.CheckpointError) as err:
+        models.load(str(path), "resnet18")
+    msg = str(err.value)
+    assert name in msg and "nothing in it was run" in msg
+    assert "\n" not in msg and "\x1b" not in msg
+    assert "Please use `torch.serialization" not in msg and "weights_only` set to `False" not in msg, "no advice to lower the guard"
+
+
+def test_escape_codes_in_a_refused_name_are_not_passed_to_the_terminal(tmp_path):
+    marker = tmp_path / "payload-ran"
+    # protocol 0: GLOBAL names the module and attribute as text lines, so a name can carry anything
+    evil = f"c\x1b[2J\x1b]0;owned\x07os\nmkdir\n(V{marker}\ntR.".encode()
+    path = tmp_path / "escapes.pt"
+    path.write_bytes(_torch_zip(evil))
+    with pytest.raises(models.CheckpointError) as err:
+        models.load(str(path), "resnet18")
+    msg = str(err.value)
+    assert not marker.exists()
+    assert "\x1b" not in msg and "\x07" not in msg and "\n" not in msg
+    assert "Unsupported global: GLOBAL" in msg and "os.mkdir" in msg

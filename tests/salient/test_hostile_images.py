@@ -10,10 +10,9 @@ import zlib
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
-from salient import activations, images, plan
+from salient import activations, images, plan, storage
 from salient.config import MAX_PIXELS, ComputeConfig, Config, DatasetConfig, ModelConfig, PreprocessConfig
 from salient.stage import local_run
 from salient.stages.activations import Activations
@@ -172,14 +171,14 @@ def test_shard_processes_or_lists_every_hostile_file(tmp_path, monkeypatch):
     assert "beside the class folders" in reasons["README.md"]
 
     # the object store answers 403 for one file, as S3 does for an object the credentials may not read
-    real_cat = LocalFileSystem.cat_file
+    real_cat = storage._cat_file
 
-    def cat_file(self, path, *args, **kwargs):
+    def cat_file(fs, path):
         if path.endswith("forbidden.JPEG"):
             raise PermissionError(13, "Permission denied", path)
-        return real_cat(self, path, *args, **kwargs)
+        return real_cat(fs, path)
 
-    monkeypatch.setattr(LocalFileSystem, "cat_file", cat_file)
+    monkeypatch.setattr(storage, "_cat_file", cat_file)
     runner = activations.ActivationRunner(cfg.model, cfg.preprocess, cfg.compute, threads=1)
     stats = [runner(item.payload) for item in Activations().shards(run)]
     tables = [pq.read_table(activations.table_uri(out, s["shard"])) for s in stats]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from salient import masks, nam, storage
-from salient.aggregate import TOPK_CLASS_TABLE
+from salient.aggregate import TOPK_CANDIDATES_TABLE
 from salient.config import ComputeConfig, Config, DatasetConfig, GeneralizeConfig, ModelConfig, PreprocessConfig
 from salient.dataset import SalientMasks
 from salient.ingest import LABELS_TABLE
@@ -40,7 +40,7 @@ def _config(root, ckpt, output, batch_size) -> Config:
     return Config(
         dataset=DatasetConfig(root=root), model=ModelConfig(checkpoint=ckpt, arch="tiny_resnet"),
         preprocess=PreprocessConfig(resize=CROP, crop=CROP), compute=ComputeConfig(batch_size=batch_size),
-        generalize=GeneralizeConfig(images_per_pair=K, masks_per_shard=SHARD), output=str(output),
+        generalize=GeneralizeConfig(images_per_pair=K, candidates="prediction", masks_per_shard=SHARD), output=str(output),
     )
 
 
@@ -59,7 +59,7 @@ def _tables(build, root, active, pairs):
                 topk[key].append(v)
         for key, v in zip(labels, (c, j, label, "core" if label == "core" else "background")):
             labels[key].append(v)
-    storage.write_parquet(f"{build}/{TOPK_CLASS_TABLE}", pa.table(topk), "fp")
+    storage.write_parquet(f"{build}/{TOPK_CANDIDATES_TABLE}", pa.table({"candidates": ["prediction"] * len(topk["rank"]), **topk}), "fp")
     storage.write_parquet(f"{build}/{LABELS_TABLE}", pa.table(labels), "fp")
 
 

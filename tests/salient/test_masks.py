@@ -1,4 +1,3 @@
-import csv
 import os
 import threading
 
@@ -8,9 +7,9 @@ import torch
 from PIL import Image
 
 from salient import builds, models, preflight, storage
-from salient.aggregate import TOPK_CLASS_TABLE
+from salient.aggregate import TOPK_CANDIDATES_TABLE
 from salient.config import ComputeConfig, Config, DatasetConfig, GeneralizeConfig, ModelConfig, PreprocessConfig
-from salient.dataset import SalientDataset, SalientMasks, export_reference
+from salient.dataset import SalientDataset, SalientMasks
 from salient.ingest import LABELS_TABLE
 from salient.stage import Run, committed_result, local_run
 from salient.stages.generalize import Generalize
@@ -36,7 +35,7 @@ def _config(root, output, ckpt, shard=2) -> Config:
     return Config(
         dataset=DatasetConfig(root=str(root)), model=ModelConfig(checkpoint=ckpt, arch="tiny_resnet"),
         preprocess=PreprocessConfig(resize=CROP, crop=CROP), compute=ComputeConfig(batch_size=2),
-        generalize=GeneralizeConfig(images_per_pair=3, masks_per_shard=shard), output=str(output),
+        generalize=GeneralizeConfig(images_per_pair=3, candidates="prediction", masks_per_shard=shard), output=str(output),
     )
 
 
@@ -61,7 +60,7 @@ def _build(tmp_path, name="out", pairs=PAIRS, k=3):
         for rank, i in enumerate(members[:k], start=1):
             for key, v in zip(topk, (c, f"n{c:04d}", j, 1, rank, i, rels[i], int(rels[i][1:5]), 1.0 / rank)):
                 topk[key].append(v)
-    storage.write_parquet(f"{out}/{TOPK_CLASS_TABLE}", pa.table(topk), "fp")
+    storage.write_parquet(f"{out}/{TOPK_CANDIDATES_TABLE}", pa.table({"candidates": ["prediction"] * len(topk["rank"]), **topk}), "fp")
     storage.write_parquet(f"{out}/{LABELS_TABLE}", pa.table({
         "class_index": [c for c, _, _ in pairs], "feature_index": [j for _, j, _ in pairs],
         "label": [lb for _, _, lb in pairs], "kind": [{"core": "core", "spurious": "background"}.get(lb) for _, _, lb in pairs],
@@ -138,33 +137,6 @@ def test_rerun_recomputes_nothing_and_dataset_applies_the_max_rule(tmp_path):
         np.testing.assert_allclose(core.numpy(), exp_core, atol=1e-6)
         np.testing.assert_allclose(spurious.numpy(), exp_spur, atol=1e-6)
         assert img.shape == (3, CROP, CROP) and label == int(rel[1:5])
-
-
-def test_reference_export_round_trips(tmp_path):
-    root, out, ckpt = _build(tmp_path)
-    _generalize(root, out, ckpt)
-    dest = tmp_path / "reference"
-    summary = export_reference(out, str(dest))
-    store = SalientMasks(out)
-    assert summary["masks"] == len(store) and summary["filed_elsewhere"] == 2
-    seen = 0
-    for wnid in os.listdir(dest):
-        with open(dest / wnid / "image_names_map.csv") as fh:
-            table = list(csv.DictReader(fh))
-        moved = {}
-        if (dest / wnid / "image_relpaths.csv").exists():
-            with open(dest / wnid / "image_relpaths.csv") as fh:
-                moved = {(int(r["feature_index"]), r["image_name"]): r["relpath"] for r in csv.DictReader(fh)}
-        for column in table[0]:
-            for row in table:
-                stem = row[column]
-                if not stem:
-                    continue
-                rel = moved.get((int(column), stem), f"{wnid}/{stem}.JPEG")
-                png = np.asarray(Image.open(dest / wnid / f"feature_{column}" / f"{stem}.png"))
-                assert np.array_equal(png, store.find(rel, int(column)))
-                seen += 1
-    assert seen == len(store)
 
 
 def test_concurrent_runs_into_different_outputs_do_not_interfere(tmp_path):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from salient import builds, images, masks, models, preflight, storage
-from salient.aggregate import TOPK_CLASS_TABLE
+from salient.aggregate import TOPK_CANDIDATES_TABLE
 from salient.config import ComputeConfig, Config, DatasetConfig, GeneralizeConfig, ModelConfig, PreprocessConfig
 from salient.dataset import SalientMasks
 from salient.ingest import LABELS_SCHEMA, LABELS_TABLE
@@ -32,7 +32,7 @@ PAIRS = [(0, "core", "core"), (0, "spurious", "background"), (1, "spurious", "se
 
 
 def _write_world(base: str, out: str, tmp_path: Path) -> tuple[str, str, list[tuple[int, int, str, str | None]]]:
-    """JPEGs and a random tiny_resnet checkpoint under ``base``, ``topk/class.parquet`` and
+    """JPEGs and a random tiny_resnet checkpoint under ``base``, ``topk/candidates.parquet`` and
     ``annotations/labels.parquet`` in the build directory ``out``; returns (dataset root, checkpoint
     URI, pairs as (class, feature, label, kind)).
 
@@ -60,8 +60,8 @@ def _write_world(base: str, out: str, tmp_path: Path) -> tuple[str, str, list[tu
             for key, value in zip(topk, (c, f"n{c:04d}", j, rank_of_pair, rank, int(image_id), rels[image_id],
                                          int(image_id) // IMAGES_PER_CLASS, float(10 - rank))):
                 topk[key].append(value)
-    storage.write_parquet(storage.join(out, TOPK_CLASS_TABLE), pa.table({
-        "class_index": pa.array(topk["class_index"], pa.int32()), "wnid": topk["wnid"],
+    storage.write_parquet(storage.join(out, TOPK_CANDIDATES_TABLE), pa.table({
+        "candidates": ["prediction"] * len(topk["rank"]), "class_index": pa.array(topk["class_index"], pa.int32()), "wnid": topk["wnid"],
         "feature_index": pa.array(topk["feature_index"], pa.int32()), "feature_rank": pa.array(topk["feature_rank"], pa.int32()),
         "rank": pa.array(topk["rank"], pa.int32()), "image_id": pa.array(topk["image_id"], pa.int64()),
         "relpath": topk["relpath"], "label": pa.array(topk["label"], pa.int32()),
@@ -105,7 +105,7 @@ def test_masks_round_trip_through_s3(s3_server, tmp_path):
     cfg = Config(
         dataset=DatasetConfig(root=root), model=ModelConfig(checkpoint=ckpt, arch="tiny_resnet", format="robustness"),
         preprocess=PreprocessConfig(resize=RESIZE, crop=CROP), compute=ComputeConfig(batch_size=2),
-        generalize=GeneralizeConfig(images_per_pair=TOP, masks_per_shard=SHARD), output=layout.root,
+        generalize=GeneralizeConfig(images_per_pair=TOP, candidates="prediction", masks_per_shard=SHARD), output=layout.root,
     )
     stage = Generalize()
     run = Run(cfg, layout, preflight.for_stages(cfg, [stage]))

@@ -49,6 +49,8 @@ def test_precision_compilation_and_decoder_change_every_model_stage_key_and_how_
         assert all(other[s.name] != base[s.name] for s in model_stages), changed
     assert keys(_with(cfg, "preprocess.max_pixels=10000"))["activations"] != base["activations"], "the whole preprocess section counts"
     assert keys(_with(cfg, "aggregate.top_k_neuron=7"))["aggregate"] != base["aggregate"]
+    assert keys(_with(cfg, "activations.dtype=float16"))["activations"] != base["activations"], "the stored type counts"
+    assert keys(_with(cfg, "generalize.candidates=prediction"))["generalize"] != base["generalize"]
 
 
 def test_a_checkpoint_counts_by_its_content_not_its_path(activation_world, tmp_path):
