@@ -34,7 +34,7 @@ GROUPINGS = ("prediction", "label")
 GROUP_COLUMN = {"prediction": "pred", "label": "label"}
 # The candidate sets of a pair's top images (docs/design.md §2 "Top images"), in the order of pass 2.
 CANDIDATES = ("label", "label_and_prediction", "prediction")
-CODE_VERSION = "aggregate-2"
+CODE_VERSION = "aggregate-3"
 
 # The tables this writes, in salient.tables; these names stay for callers outside salient/.
 CLASSES_TABLE = tables.CLASSES.path
@@ -317,6 +317,8 @@ def run(inputs: AggregateInputs, cfg: AggregateConfig, map_fn: MapFn = local_map
             "class_index": pa.array(range(num_classes), pa.int32()),
             "wnid": pa.array(inputs.wnids, pa.string()),
             "name": pa.array([names[w].name if w in names else None for w in inputs.wnids], pa.string()),
+            "definition": pa.array([names[w].definition if w in names else None for w in inputs.wnids], pa.string()),
+            "supercategory": pa.array([names[w].supercategory if w in names else None for w in inputs.wnids], pa.string()),
             "n_images": pa.array(merged.counts[GROUPINGS.index("label")], pa.int64()),
             "n_predicted": pa.array(merged.counts[GROUPINGS.index("prediction")], pa.int64()),
             "n_group": pa.array(counts_g, pa.int64()),

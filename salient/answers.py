@@ -1,10 +1,12 @@
 """Human answers in the paper's CSV schema (docs/design.md §2 "Annotation"): where answer files are, how
 a file is read, which rows count, and the ledger that keeps them.
 
-An answer file is a UTF-8 CSV with a header row naming at least :data:`REQUIRED_COLUMNS`. A file
-that cannot be read as such (another encoding, binary data, broken quoting, no header) is rejected
-whole; otherwise every row is checked on its own, and a bad row is rejected with a reason and never
-counts. Each worker's first answer to a (class, feature) pair counts; a later one is rejected.
+An answer file is a UTF-8 CSV (``*.csv`` in any letter case) with a header row naming at least
+:data:`REQUIRED_COLUMNS`. A file that cannot be read as such (another encoding, binary data, no
+header) is rejected whole; otherwise every row is checked on its own, and a bad row is rejected with a
+reason and never counts. Broken quoting rejects the line where the broken record starts and reading
+goes on with the next line. Each worker's first answer to a (class, feature) pair counts; a later one
+is rejected. Any other file in the answers folder is listed as rejected, never ignored.
 Reading, checking and the ledger are shared by the discovery ingest (:mod:`salient.ingest`), the
 generalisation study (:mod:`salient.study`) and the annotation app (:mod:`salient.app`).
 """
@@ -57,12 +59,18 @@ REASON_KINDS = (
     "confidence_out_of_range",
     "duplicate_answer",
     "missing_worker",
+    "control_character",
     "field_too_large",
+    "unreadable_row",
     "missing_columns",
     "unreadable_file",
+    "not_an_answer_file",
 )
 
 INCOMING = "annotations/incoming"
+# Characters no answer may hold: C0 controls but tab and line feed, DEL and C1 (escape codes that a
+# terminal or a spreadsheet would act on). A line break in a reason is written LF (CRLF is read as LF).
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 MAX_FIELD_CHARS = 1_000_000
 MAX_ID = 2**31 - 1  # ids are stored as int32, like the aggregate tables
@@ -90,16 +98,46 @@ REJECTED_SCHEMA = pa.schema([
 _INTEGER = re.compile(r"[0-9]+(?:\.0*)?")  # "3" and "3.0"; no sign, exponent or fraction
 
 
-def answer_files(root: str, extra: Sequence[str] = (), folder: str = INCOMING) -> list[str]:
-    """The answer files to ingest: ``extra`` in the given order, then every ``*.csv`` directly under
-    ``<root>/<folder>/`` (``root`` is the output root; ``folder`` defaults to ``annotations/incoming/``)
-    by name; a file named twice is kept once, at its first place."""
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value: object) -> object:
+    """A cell that spreadsheet programs will not run as a formula: text starting with = + - @, a
+    tab or a carriage return, also after leading spaces or line breaks (which some programs trim),
+    gets a leading ``'``."""
+    return f"'{value}" if isinstance(value, str) and value.lstrip(" \n").startswith(_FORMULA_START) else value
+
+
+def _is_answer_file(name: str) -> bool:
+    return name.lower().endswith(".csv") and not name.startswith(".")
+
+
+def _in_flight(name: str) -> bool:
+    # storage.write_bytes_atomic's temporary file: an answer file being written right now
+    return name.startswith(".") and bool(_TEMPORARY.search(name))
+
+
+_TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{32}$")
+
+
+def _listing(root: str, folder: str) -> tuple[str, list[str]]:
+    """The folder ``<root>/<folder>`` and every file under it (paths relative to it, sorted); none
+    when it does not exist."""
     incoming = storage.join(root, folder)
     fs, path = storage.url_to_fs(incoming)
-    found: list[str] = []
-    if fs.isdir(path):
-        names = (posixpath.basename(e["name"].rstrip("/")) for e in fs.ls(path, detail=True) if e["type"] == "file")
-        found = [storage.join(incoming, n) for n in sorted(n for n in names if n.endswith(".csv") and not n.startswith("."))]
+    if not fs.isdir(path):
+        return incoming, []
+    base = path.rstrip("/") + "/"
+    found = (name for name, info in fs.find(path, withdirs=False, detail=True).items() if info.get("type") == "file")
+    return incoming, sorted(name.removeprefix(base) for name in found if name.startswith(base))
+
+
+def answer_files(root: str, extra: Sequence[str] = (), folder: str = INCOMING) -> list[str]:
+    """The answer files to ingest: ``extra`` in the given order, then every ``*.csv`` (any letter
+    case, not hidden) directly under ``<root>/<folder>/`` (``root`` is the output root; ``folder``
+    defaults to ``annotations/incoming/``) by name; a file named twice is kept once, at its first place."""
+    incoming, names = _listing(root, folder)
+    found = [storage.join(incoming, n) for n in names if "/" not in n and _is_answer_file(n)]
     seen: set[str] = set()
     files = []
     for uri in [*extra, *found]:
@@ -110,6 +148,26 @@ def answer_files(root: str, extra: Sequence[str] = (), folder: str = INCOMING) -
     return files
 
 
+def other_files(root: str, folder: str = INCOMING) -> list[tuple[str, str]]:
+    """(URI, why it is not read) of every file under ``<root>/<folder>/`` that :func:`answer_files`
+    does not take: other names, hidden files, files in subfolders. Files being written atomically
+    right now are left out."""
+    incoming, names = _listing(root, folder)
+    out = []
+    for rel in names:
+        name = posixpath.basename(rel)
+        if "/" in rel:
+            why = f"it is in a subfolder; move it directly under {incoming}/ to have it read"
+        elif _is_answer_file(name) or _in_flight(name):
+            continue
+        elif name.startswith("."):
+            why = "it is a hidden file (its name starts with a dot); rename it to a visible .csv name to have it read"
+        else:
+            why = "its name does not end in .csv; answer files are CSV, save it as .csv to have it read"
+        out.append((storage.join(incoming, rel), f"not read: {why}"))
+    return out
+
+
 def check_inputs(root: str, answer_uris: Sequence[str], classes: Mapping[int, str] | None, folder: str, how: str) -> None:
     """Raise :class:`InputError` for an empty output root, no, repeated or missing answer files, or empty classes.
 
@@ -118,7 +176,9 @@ def check_inputs(root: str, answer_uris: Sequence[str], classes: Mapping[int, st
     if not root:
         raise InputError("root is empty; give the output root (a path or URI)")
     if not answer_uris:
-        raise InputError(f"no answer files to ingest: {how} under {storage.join(root, folder)}/")
+        others = [storage.basename(uri) for uri, _ in other_files(root, folder)]
+        found = f" (found only files that are not read: {', '.join(others[:5])}{', ...' if len(others) > 5 else ''})" if others else ""
+        raise InputError(f"no answer files to ingest: {how} under {storage.join(root, folder)}/{found}")
     repeated = sorted(u for u, n in Counter(answer_uris).items() if n > 1)
     if repeated:
         raise InputError(f"answer files listed more than once: {', '.join(repeated)}; list each file once")
@@ -180,24 +240,32 @@ def _field_limit(limit: int) -> Iterator[None]:
             csv.field_size_limit(previous)
 
 
-def _records(text: str) -> Iterator[tuple[int, list[str] | None]]:
-    """(first line, cells) of each CSV record; cells None for a record with a field longer than
-    :data:`MAX_FIELD_CHARS`. Run under a field limit above ``len(text)``: an oversized field is read
-    whole, so what follows it is read as the records it is, never as text cut out of that field."""
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    previous = 0
-    while True:
+def _records(lines: Sequence[str]) -> Iterator[tuple[int, list[str] | Rejected | None]]:
+    """(first line, cells) of each CSV record of ``lines`` (a text's lines, ends kept); cells None for a record with a field longer than
+    :data:`MAX_FIELD_CHARS`, a :class:`Rejected` for a record that is not valid CSV (a stray quote):
+    that record's first line is given up and reading goes on with the next line, so the records
+    before and after it still count. Run under a field limit above ``len(text)``: an oversized field
+    is read whole, so what follows it is read as the records it is, never as text cut out of that field."""
+    start = 0  # lines before the current reader's first
+    while start < len(lines):
+        reader = csv.reader((lines[i] for i in range(start, len(lines))), strict=True)
+        previous = 0
         try:
-            row = next(reader)
-        except StopIteration:
+            for row in reader:
+                first, previous = start + previous + 1, reader.line_num
+                if any(len(cell) > MAX_FIELD_CHARS for cell in row):
+                    yield first, None
+                elif any(cell.strip() for cell in row):
+                    yield first, row
             return
         except csv.Error as exc:
-            raise Rejected("unreadable_file", f"not valid CSV at line {reader.line_num}: {exc}") from None
-        start, previous = previous + 1, reader.line_num
-        if any(len(cell) > MAX_FIELD_CHARS for cell in row):
-            yield start, None
-        elif any(cell.strip() for cell in row):
-            yield start, row
+            first = start + previous + 1
+            yield first, Rejected(
+                "unreadable_row",
+                f"not valid CSV at line {start + reader.line_num} ({exc}), in the record that starts at line {first}: "
+                f"line {first} was not used and reading went on at line {first + 1}; check its quotes",
+            )
+            start = first
 
 
 # UTF-32 first: its little-endian mark begins with UTF-16's.
@@ -285,16 +353,22 @@ class Ledger:
         self.digests.append((uri, hashlib.sha256(data).hexdigest()))
         try:
             text = _decode(data)
+            lines = io.StringIO(text, newline="").readlines()
             with _field_limit(len(text) + 1):
-                records = list(_records(text))
+                records = list(_records(lines))
         except Rejected as exc:
             self.reject(uri, 0, exc.kind, f"{exc.reason}; no row of this file was used")
             return
         expected = ", ".join(self.columns)
         header_line, header_cells = records[0] if records else (1, None)
-        if header_cells is None:
-            why = f"the header row has a field longer than {MAX_FIELD_CHARS:,} characters" if records else "the file is empty"
-            self.reject(uri, header_line, "missing_columns", f"{why}; expected a header row with the columns {expected}")
+        if not isinstance(header_cells, list):
+            if isinstance(header_cells, Rejected):
+                why = f"the header row is not valid CSV ({header_cells.reason})"
+            elif records:
+                why = f"the header row has a field longer than {MAX_FIELD_CHARS:,} characters"
+            else:
+                why = "the file is empty"
+            self.reject(uri, header_line, "missing_columns", f"{why}; expected a header row with the columns {expected}; no row of this file was used")
             return
         header = [h.strip() for h in header_cells]
         missing = [c for c in REQUIRED_COLUMNS if c not in header]
@@ -309,6 +383,9 @@ class Ledger:
             self.rows += 1
             if row is None:
                 self.reject(uri, line, "field_too_large", f"a field is longer than {MAX_FIELD_CHARS:,} characters; the row was not used")
+                continue
+            if isinstance(row, Rejected):
+                self.reject(uri, line, row.kind, row.reason, lines[line - 1].rstrip("\r\n")[:MAX_FIELD_CHARS])
                 continue
             cells = {name: row[i].strip() if i < len(row) else "" for name, i in position.items()}
             try:
@@ -325,6 +402,10 @@ class Ledger:
         worker = cells.get("WorkerId", "")
         if not worker:
             raise Rejected("missing_worker", "WorkerId is empty")
+        for column, value in cells.items():
+            bad = CONTROL.search(value.replace("\r\n", "\n"))
+            if bad:
+                raise Rejected("control_character", f"{column} holds the control character U+{ord(bad.group()):04X}; use plain text")
         class_index = _parse_id("Input.class_index", cells.get("Input.class_index", ""))
         feature_index = _parse_id("Input.feature_index", cells.get("Input.feature_index", ""))
         rank_text = cells.get("Input.feature_rank", "")
@@ -334,7 +415,8 @@ class Ledger:
         if classes is not None:
             if class_index not in classes:
                 raise Rejected("class_out_of_range", f"Input.class_index {class_index} is not a class of this dataset")
-            if wnid is not None and wnid != classes[class_index]:
+            # A crowd task made from discover/tasks.csv carries the wnid as that export shows it.
+            if wnid is not None and wnid not in (classes[class_index], csv_safe(classes[class_index])):
                 raise Rejected(
                     "wnid_mismatch",
                     f"Input.wordnet_id {wnid!r} is not {classes[class_index]!r}, the wnid of class {class_index}",

@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 
 from salient import config as cfgmod
 from salient import preflight, storage, tables
-from salient import stages as registry
 from salient.errors import ConfigError, InputError, UserError
 
 # Local-run defaults (docs/design.md §4): no telemetry, Ray kept on loopback with auth off.
@@ -58,11 +57,15 @@ def run_stages(cfg: cfgmod.Config, names: list[str] | None, wait_s: float = 0.0)
     flow that runs them, once."""
     from flows.rebuild import rebuild_flow
 
+    from salient import stages as registry
+
     checked = preflight.for_stages(cfg, registry.select(cfg, names))
     return rebuild_flow(cfg, names, wait_s, checked)
 
 
 def _print_summaries(result: dict) -> None:
+    from salient import stages as registry
+
     for name, summary in result["stages"].items():
         print(registry.BY_NAME[name].describe(summary))
 
@@ -157,7 +160,9 @@ def cmd_annotate_serve(args: argparse.Namespace) -> int:
     cfg = _load(args)
     preflight.check(cfg, ["output"])
     token = app.token_from_env(args.token)
-    app.serve(app.settings_from_config(cfg, args.build, token), args.host, args.port)
+    if not 0 < args.read_timeout < float("inf"):
+        raise InputError(f"--read-timeout {args.read_timeout}: give a finite number of seconds above 0")
+    app.serve(app.settings_from_config(cfg, args.build, token, args.read_timeout), args.host, args.port)
     return 0
 
 
@@ -251,11 +256,25 @@ def _run_demo_rebuild(config_path: str) -> int:
     return cmd_run(argparse.Namespace(config=config_path, overrides=[], stages=None, wait=0.0))
 
 
+VALIDATE_HELP = "check a config before any compute"
+
+
+def _validate_parser() -> argparse.ArgumentParser:
+    """``salient validate`` alone: it needs no stage, so a config it refuses is answered before the
+    stage registry (and with it torch and torchvision, seconds of start-up) is imported."""
+    p = argparse.ArgumentParser(prog="salient validate", description=VALIDATE_HELP)
+    _config_args(p)
+    p.set_defaults(func=cmd_validate, command="validate")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from salient import stages as registry
+
     parser = argparse.ArgumentParser(prog="salient", description="Discover spurious features of image classifiers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("validate", help="check a config before any compute")
+    p = sub.add_parser("validate", help=VALIDATE_HELP)
     _config_args(p)
     p.set_defaults(func=cmd_validate)
 
@@ -305,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--build", metavar="ID", default=None, help="the build whose pairs to label (default: the latest)")
     p.add_argument("--token", default=None, help="shared token every request must carry (default: $SALIENT_APP_TOKEN)")
+    p.add_argument("--read-timeout", type=float, default=10.0, metavar="SECONDS", help="seconds a client may take to send a request's headers, and its body (default 10)")
     p.set_defaults(func=cmd_annotate_serve)
 
     study = sub.add_parser("study", help="the paper's generalisation study, for people").add_subparsers(dest="study_command", required=True)
@@ -399,13 +419,23 @@ def report_bug(exc: BaseException) -> str:
     return path
 
 
+def _stage_names() -> tuple[str, ...]:
+    from salient import stages as registry
+
+    return registry.NAMES
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     for key, value in LOCAL_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["validate"]:
+        args = _validate_parser().parse_args(argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        if args.command in ("run", *registry.NAMES) or getattr(args, "annotate_command", None) == "simulate":
+        if args.command != "validate" and (args.command in ("run", *_stage_names()) or getattr(args, "annotate_command", None) == "simulate"):
             _quiet_expected_tracebacks()
         return func(args)
     except UserError as exc:

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from salient import storage
-from salient.errors import ConfigError
+from salient.errors import ConfigError, InputError
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 # PIL's own decompression-bomb limit (2 * PIL.Image.MAX_IMAGE_PIXELS): the most pixels an image may
@@ -43,6 +43,11 @@ BY_CONTENT = {"salient.key": "content"}  # a file: its content's SHA-256 counts,
 # Config files are small: deeper nesting than this is a mistake or an attack (a parser recursing on
 # it would fail with a traceback).
 MAX_DEPTH = 32
+# A config is a few kilobytes of YAML.
+MAX_CONFIG_BYTES = 2**20
+# A robust ResNet-50 with its optimizer state is about 0.4 GB; 16 GiB holds any classifier Salient
+# runs, and keeps /dev/zero or a wrong file from filling the memory.
+MAX_CHECKPOINT_BYTES = 16 * 2**30
 # The most characters of a value an error message shows.
 SHOW_CHARS = 200
 
@@ -320,7 +325,9 @@ def _within(path: str, parent: str) -> bool:
 
 
 def _loc(loc: Iterable[Any]) -> str:
-    return ".".join(str(p) for p in loc)
+    """A key's path as written, each part that is not plain printable text shown as its repr (a key
+    may hold terminal escape codes) and cut to :data:`SHOW_CHARS`."""
+    return ".".join(str(p) if str(p).isprintable() and len(str(p)) <= SHOW_CHARS else show(p) for p in loc)
 
 
 def _value_at(raw: Any, loc: Sequence[Any]) -> Any:
@@ -480,9 +487,11 @@ def load(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
     raw: dict[str, Any] = {}
     if path is not None:
         try:
-            text = storage.read_bytes(path).decode("utf-8")
+            text = storage.read_input_file(path, MAX_CONFIG_BYTES).decode("utf-8")
         except FileNotFoundError:
             raise ConfigError([f"config file {path!r} does not exist"]) from None
+        except InputError as exc:
+            raise ConfigError([f"config file {path!r}: {exc}"]) from None
         except UnicodeDecodeError:
             raise ConfigError([f"config file {path!r} is not UTF-8 text"]) from None
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pyarrow as pa
 import torch
 import zarr
 from torch.utils.data import Dataset
@@ -22,6 +23,16 @@ def build_of(root: str, build_id: str | None = None) -> str:
     if build_id is None and not storage.exists(storage.join(root, "latest")) and storage.exists(storage.join(root, tables.MASK_INDEX.path)):
         return root
     return builds.resolve(root, build_id)
+
+
+def require_nams(index: pa.Table, what: str) -> None:
+    """``InputError`` when rows of a mask index hold no NAMs: a build imported from a release
+    (``salient import reference``) has its masks but not the maps they were made from."""
+    if index.num_rows and (index.column("nam").null_count > 0 or 0 in index.column("nam_h").to_pylist()):
+        raise InputError(
+            f"{what}: the mask index holds no NAMs (masks imported from a release, not made by `salient generalize`); "
+            "use the masks themselves, or run `salient generalize CONFIG` to make a build with NAMs"
+        )
 
 
 class SalientMasks:
@@ -105,6 +116,7 @@ class SalientMasks:
     def nam(self, i: int) -> np.ndarray:
         """The normalised low-resolution map of mask ``i``: float32 ``[nam_h, nam_w]``."""
         r = self.index.slice(i, 1)
+        require_nams(r, f"mask {i}")
         h, w = r.column("nam_h")[0].as_py(), r.column("nam_w")[0].as_py()
         return np.asarray(r.column("nam")[0].values.to_numpy(zero_copy_only=False), np.float32).reshape(h, w)
 

@@ -25,12 +25,12 @@ import torch
 from PIL import Image
 
 from salient import attack, masks, nam, storage, stream, tables
+from salient.answers import csv_safe
 from salient.config import ComputeConfig, DiscoverConfig, ModelConfig, PreprocessConfig
 from salient.inference import Inference
-from salient.metadata import ClassInfo
 from salient.stream import Feed, HostCopies, ImageStream, decode_threads
 
-CODE_VERSION = "discover-1"
+CODE_VERSION = "discover-2"  # 2: a checkpoint's own normaliser is used
 STRIPS = ("images", "heatmaps", "attacks")
 TASK_COLUMNS = (
     "class_index", "wnid", "class_name", "definition", "supercategory", "feature_index", "feature_rank",
@@ -224,28 +224,29 @@ class DiscoverRunner:
         return record
 
 
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+def class_names(build: str) -> dict[int, dict[str, str | None]]:
+    """class_index -> the class's ``name``, ``definition`` and ``supercategory`` as the build's
+    ``classes.parquet`` has them (None where it has no such column or value)."""
+    table = storage.read_parquet(storage.join(build, tables.CLASSES.path))
+    shown = ("name", "definition", "supercategory")
+    columns = {c: table.column(c).to_pylist() if c in table.column_names else [None] * table.num_rows for c in shown}
+    return {c: {k: columns[k][i] for k in shown} for i, c in enumerate(table.column("class_index").to_pylist())}
 
 
-def csv_safe(value: object) -> object:
-    """A cell that spreadsheet programs will not run as a formula: text starting with = + - @, a
-    tab or a carriage return, also after leading spaces or line breaks (which some programs trim),
-    gets a leading ``'``."""
-    return f"'{value}" if isinstance(value, str) and value.lstrip(" \n").startswith(_FORMULA_START) else value
-
-
-def write_tasks(build: str, records: Sequence[dict], metadata: Sequence[ClassInfo] | None, base_url: str | None) -> str:
-    """``discover/tasks.csv``: one row per pair, the fields a crowd-work task needs; returns its URI."""
-    by_wnid = {c.wnid: c for c in metadata or []}
+def write_tasks(build: str, records: Sequence[dict], base_url: str | None) -> str:
+    """``discover/tasks.csv``: one row per pair, the fields a crowd-work task needs, with the
+    classes named as in the build's ``classes.parquet``; returns its URI. It is an export for
+    people and crowd platforms (cells are made spreadsheet-safe); programs read the Parquet tables."""
+    names = class_names(build)
     prefix = (base_url.rstrip("/") + "/") if base_url else ""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(TASK_COLUMNS)
     for r in sorted(records, key=lambda r: (r["class_index"], r["feature_rank"])):
-        info = by_wnid.get(r["wnid"])
+        info = names.get(r["class_index"], {})
         writer.writerow([csv_safe(v) for v in (
             r["class_index"], r["wnid"],
-            info.name if info else "", info.definition if info else "", info.supercategory if info else "",
+            info.get("name") or "", info.get("definition") or "", info.get("supercategory") or "",
             r["feature_index"], r["feature_rank"],
             *(prefix + r["files"][s] if s in r["files"] else "" for s in STRIPS),
             ";".join(map(str, r["image_ids"])),

@@ -1,8 +1,9 @@
 """Ingest: human answers in the paper's CSV schema become validated answers, one label per
 (class, feature) pair, and a list of rejected rows (docs/design.md §2 "Annotation", §3 "ingest").
 
-Every row is checked; a bad row or a bad file is listed in ``rejected.parquet`` with a reason and
-never counts, and the other rows and files still ingest (reading and checking answers is
+Every row is checked; a bad row or a bad file, and every file under ``annotations/incoming/`` that
+is not read, is listed in ``rejected.parquet`` with a reason and never counts, and the other rows
+and files still ingest (reading and checking answers is
 :mod:`salient.answers`). The labelling rule is the paper's:
 a pair is spurious iff at least 3 of its answers are ``separate_object`` or ``background``.
 """
@@ -17,9 +18,9 @@ from typing import Any
 import pyarrow as pa
 
 from salient import storage, tables
-from salient.answers import INCOMING, Ledger, check_inputs
+from salient.answers import INCOMING, Ledger, check_inputs, other_files
 
-CODE_VERSION = "ingest-1"
+CODE_VERSION = "ingest-2"
 
 LABELS = ("core", "spurious", "insufficient")
 KINDS = ("background", "separate_object", "ambiguous")
@@ -119,7 +120,7 @@ def ingest(
     build directory); returns a summary.
 
     ``answers_root`` is the output root whose ``annotations/incoming/`` holds dropped answer files
-    (default ``build``); it is named in errors.
+    (default ``build``); it is named in errors, and every other file there is listed as rejected.
 
     ``classes`` maps class_index to wnid (None: no class check). ``build_pairs`` are the
     (class_index, feature_index) pairs of the build (None: no build); pairs of the build without
@@ -135,10 +136,14 @@ def ingest(
     ledger = Ledger(classes)
     for uri in answer_uris:
         ledger.read(uri)
+    read = {storage.normalize_uri(u) for u in answer_uris}
+    unread = [(uri, why) for uri, why in other_files(answers_root or build) if storage.normalize_uri(uri) not in read]
+    for uri, why in unread:
+        ledger.reject(uri, 0, "not_an_answer_file", why)
     labels = _label_rows(ledger, in_build, min_answers)
 
     fp = storage.fingerprint(
-        CODE_VERSION, ledger.digests, min_answers,
+        CODE_VERSION, ledger.digests, unread, min_answers,
         None if classes is None else sorted(classes.items()),
         None if in_build is None else sorted(in_build),
     )

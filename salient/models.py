@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock
 
 from salient import storage
+from salient.config import MAX_CHECKPOINT_BYTES
 from salient.errors import ConfigError, InputError
 
 # ImageNet statistics, applied inside the wrapper so that masks and noise live in pixel space.
@@ -260,11 +261,14 @@ def _not_a_checkpoint(data: bytes) -> str | None:
 
 
 def checkpoint_bytes(checkpoint: str) -> bytes:
-    """The bytes of the checkpoint at ``checkpoint`` (any fsspec URI)."""
+    """The bytes of the checkpoint at ``checkpoint`` (any fsspec URI): a regular file of at most
+    :data:`salient.config.MAX_CHECKPOINT_BYTES`."""
     try:
-        return storage.read_bytes(checkpoint)
+        return storage.read_input_file(checkpoint, MAX_CHECKPOINT_BYTES)
     except FileNotFoundError as exc:
         raise CheckpointError(f"checkpoint {checkpoint!r} does not exist") from exc
+    except InputError as exc:
+        raise CheckpointError(f"checkpoint {checkpoint!r}: {exc}") from None
 
 
 def read_checkpoint(checkpoint: str, data: bytes | None = None) -> Mapping[str, object]:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, PrivateAttr
 
 from salient import storage
-from salient.config import IMAGE_EXTENSIONS, SECTIONS, Config
+from salient.config import IMAGE_EXTENSIONS, MAX_CHECKPOINT_BYTES, SECTIONS, Config
 from salient.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -96,12 +96,25 @@ def check_dataset(cfg: Config, max_folders: int = 8) -> list[str]:
     return problems
 
 
+def _checkpoint_problem(checkpoint: str) -> str | None:
+    """Why the checkpoint cannot be read, when its listing shows it: found before the model code
+    (torch: seconds of start-up) is imported."""
+    try:
+        problem = storage.input_file_problem(checkpoint, MAX_CHECKPOINT_BYTES)
+    except FileNotFoundError:
+        return None  # said by the loader, with what to do
+    return None if problem is None else f"checkpoint {checkpoint!r}: {problem}"
+
+
 def check_model(cfg: Config, found: Preflight, need_discovery: bool = False) -> list[str]:
     """The architecture is known and the checkpoint loads for it."""
-    from salient import models
-
     assert cfg.model is not None
     m = cfg.model
+    problem = _checkpoint_problem(m.checkpoint)
+    if problem is not None:
+        return [f"model.checkpoint = {m.checkpoint!r}: {problem}"]
+    from salient import models
+
     if not models.known_arch(m.arch):
         return [
             f"model.arch = {m.arch!r}: unknown; use a torchvision classifier name (e.g. resnet50), "
@@ -118,10 +131,14 @@ def check_model(cfg: Config, found: Preflight, need_discovery: bool = False) -> 
 
 def check_eval_models(cfg: Config, found: Preflight) -> list[str]:
     """Every ``evaluate.models`` entry names a known arch and its checkpoint loads for it."""
-    from salient import models
-
     problems = [] if cfg.evaluate.models else ["evaluate.models: empty; list the classifiers to measure ({name, arch, checkpoint, format})"]
     for i, m in enumerate(cfg.evaluate.models):
+        problem = _checkpoint_problem(m.checkpoint)
+        if problem is not None:
+            problems.append(f"evaluate.models.{i}.checkpoint = {m.checkpoint!r}: {problem}")
+            continue
+        from salient import models
+
         if not models.known_arch(m.arch):
             problems.append(f"evaluate.models.{i}.arch = {m.arch!r}: unknown; use a torchvision classifier name or timm:<name>")
             continue

@@ -18,6 +18,7 @@ import torch
 
 from salient import groundtruth, nam, storage, tables
 from salient.config import AnnotationsConfig, PreprocessConfig
+from salient.dataset import require_nams
 from salient.discover import pair_dir
 from salient.errors import InputError
 from salient.answers import ANSWER_COLUMNS, ANSWERS, INCOMING
@@ -93,6 +94,7 @@ def generalization_check(build: str, groundtruth_uri: str, split: str, crop: int
     index = storage.read_parquet(storage.join(build, tables.MASK_INDEX.path)).sort_by(
         [("class_index", "ascending"), ("feature_index", "ascending"), ("rank", "ascending")]
     )
+    require_nams(index, f"{build}: the generalisation check")
     pairs: dict[tuple[int, int], list[dict]] = {}
     for row in index.to_pylist():
         pairs.setdefault((row["class_index"], row["feature_index"]), []).append(row)

@@ -213,16 +213,26 @@ def read_bytes(uri: str) -> bytes:
     return retrying(lambda: fs.cat_file(path), f"read {uri}")
 
 
-def read_input_file(uri: str, limit: int) -> bytes:
-    """The bytes of a file a user names as an input: ``InputError`` (one line, to follow the key's
-    name) when it is not a regular file (a device such as /dev/zero, a pipe, a folder) or holds more
-    than ``limit`` bytes; FileNotFoundError when it does not exist."""
+def input_file_problem(uri: str, limit: int) -> str | None:
+    """Why the file a user names as an input at ``uri`` cannot be read, when its listing shows it:
+    not a regular file (a device such as /dev/zero, a pipe, a folder), or more than ``limit``
+    bytes; None otherwise (FileNotFoundError when it does not exist)."""
     fs, path = url_to_fs(uri)
     info = retrying(lambda: fs.info(path), f"look at {uri}")
     if info.get("type") != "file":
-        raise InputError("not a regular file (a device, a pipe or a folder); point it at a file")
+        return "not a regular file (a device, a pipe or a folder); point it at a file"
     if (info.get("size") or 0) > limit:
-        raise InputError(f"holds {info['size']:,} bytes, more than the {limit:,} it may have; is it the right file?")
+        return f"holds {info['size']:,} bytes, more than the {limit:,} it may have; is it the right file?"
+    return None
+
+
+def read_input_file(uri: str, limit: int) -> bytes:
+    """The bytes of a file a user names as an input: ``InputError`` (one line, to follow the key's
+    name) for an :func:`input_file_problem`; FileNotFoundError when it does not exist."""
+    problem = input_file_problem(uri, limit)
+    if problem is not None:
+        raise InputError(problem)
+    fs, path = url_to_fs(uri)
     if isinstance(fs, LocalFileSystem):  # read no more than the limit, should the file grow meanwhile
         with open(path, "rb") as f:
             data = f.read(limit + 1)
@@ -265,8 +275,11 @@ def remove(uri: str, recursive: bool = False) -> None:
 
 
 def sha256(uri: str, chunk: int = 1 << 22) -> str:
-    """The SHA-256 hex digest of the object at ``uri``, streamed."""
+    """The SHA-256 hex digest of the object at ``uri``, streamed; ``InputError`` when it is not a
+    regular file (a device such as /dev/zero would stream for ever)."""
     fs, path = url_to_fs(uri)
+    if retrying(lambda: fs.info(path), f"look at {uri}").get("type") != "file":
+        raise InputError(f"{uri!r} is not a regular file (a device, a pipe or a folder); point at a file")
 
     def digest() -> str:
         h = hashlib.sha256()

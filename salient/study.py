@@ -35,6 +35,7 @@ import pyarrow as pa
 import torch
 
 from salient import answers, images, nam, storage, tables
+from salient.dataset import require_nams
 from salient.discover import csv_safe, png_strip
 from salient.errors import InputError
 from salient.metadata import ClassInfo
@@ -165,6 +166,7 @@ def export_study(
     if images_per_side < 1:
         raise ValueError(f"images_per_side = {images_per_side}: must be at least 1")
     table = _read_index(build)
+    require_nams(table, f"{build}: study export")
     h_w = {(h, w) for h, w in zip(table.column("nam_h").to_pylist(), table.column("nam_w").to_pylist())}
     if len(h_w) > 1:
         raise InputError(f"{tables.MASK_INDEX.path} mixes NAM sizes {sorted(h_w)}; rerun `salient generalize CONFIG`")

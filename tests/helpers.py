@@ -81,3 +81,16 @@ def tiny_pipeline(base: Path) -> config.Config:
         "generalize.images_per_pair=3", "generalize.masks_per_shard=6",
         f"evaluate.models=[{{name: tiny, arch: tiny_resnet, format: robustness, checkpoint: {ckpt}}}]", "evaluate.sigmas=[0.5]",
     ])
+
+
+def build_stages(cfg: config.Config, build_id: str, names: list[str]) -> str:
+    """The stages ``names`` of the config, in this process, into the build ``build_id`` of its
+    output root (no flow, no publishing); returns the build directory."""
+    from salient import builds, preflight, stages
+    from salient.stage import Run, execute
+
+    chosen = stages.select(cfg, names)
+    run = Run(cfg, builds.Layout(cfg.output, build_id), preflight.for_stages(cfg, chosen))
+    for stage in chosen:
+        execute(stage, run)
+    return run.build

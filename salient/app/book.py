@@ -1,5 +1,7 @@
-"""What the annotation app knows: the pairs of a build (from ``discover/tasks.csv``) and every answer
-under ``OUT/annotations/incoming/``, including the ones it writes there itself.
+"""What the annotation app knows: the pairs of a build (from its ``pairs.parquet`` and
+``classes.parquet`` and each pair's ``assets.json`` under ``discover/``, never from the
+spreadsheet-safe ``discover/tasks.csv``) and every answer under ``OUT/annotations/incoming/``,
+including the ones it writes there itself.
 
 Answer files are read and checked by :mod:`salient.answers`, as ``salient ingest`` reads them, so
 the app counts exactly the answers ``salient ingest`` will accept. The app writes one CSV per (app
@@ -13,13 +15,14 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import json
 import threading
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from salient import builds, discover, storage, tables
-from salient.answers import ANSWER_COLUMNS, Answer, Ledger, answer_files
+from salient.answers import ANSWER_COLUMNS, Answer, Ledger, answer_files, csv_safe
 from salient.errors import InputError
 
 APP_FILE_PREFIX = "app-"
@@ -53,36 +56,31 @@ class Pair:
         return f"/pairs/{self.class_index}/{self.feature_index}"
 
 
-def _task_int(row: Mapping[str, str], column: str, uri: str, line: int) -> int:
-    text = (row.get(column) or "").strip()
-    if not text.isdigit():
-        raise InputError(f"{uri} line {line}: {column} {text!r} is not a non-negative integer; rerun `salient discover CONFIG`")
-    return int(text)
-
-
 def read_pairs(build: str) -> list[Pair]:
-    """The pairs of the build at ``build``, in the order of its ``discover/tasks.csv``."""
-    uri = storage.join(build, tables.TASKS.path)
+    """The pairs of the build at ``build`` by class, then feature rank, with what discovery made for them."""
+    uri = storage.join(build, tables.PAIRS.path)
     if not storage.exists(uri):
-        raise InputError(f"{uri} is missing: the build has no discovery assets; run `salient discover CONFIG` first")
-    reader = csv.DictReader(io.StringIO(storage.read_bytes(uri).decode("utf-8-sig"), newline=""))
-    missing = [c for c in discover.TASK_COLUMNS if c not in (reader.fieldnames or [])]
-    if missing:
-        raise InputError(f"{uri} lacks the columns {', '.join(missing)}; rerun `salient discover CONFIG`")
-    pairs: dict[tuple[int, int], Pair] = {}
-    for line, row in enumerate(reader, start=2):
-        c = _task_int(row, "class_index", uri, line)
-        j = _task_int(row, "feature_index", uri, line)
-        wnid = storage.safe_relpath(row["wnid"].strip())
-        if (c, j) in pairs:
-            raise InputError(f"{uri} line {line}: class {c} feature {j} is listed twice; rerun `salient discover CONFIG`")
-        # Asset paths follow discover/'s layout; the task row's URL (maybe behind a base_url) only says a strip exists.
-        strips = {s: f"{wnid}/feature_{j}/{s}.png" for s in discover.STRIPS if (row.get(f"{s}_url") or "").strip()}
-        pairs[(c, j)] = Pair(
-            c, wnid, row["class_name"], row["definition"], row["supercategory"], j,
-            _task_int(row, "feature_rank", uri, line), strips,
-        )
-    return list(pairs.values())
+        raise InputError(f"{uri} is missing: the build has no pairs; run `salient aggregate CONFIG` and `salient discover CONFIG` first")
+    rows = storage.read_parquet(uri, ["class_index", "wnid", "feature_index", "feature_rank"]).to_pylist()
+    rows.sort(key=lambda r: (r["class_index"], r["feature_rank"], r["feature_index"]))
+    names = discover.class_names(build)
+    fs, _ = storage.url_to_fs(build)
+    paths = [storage.url_to_fs(storage.join(build, tables.discover_pair(r["wnid"], r["feature_index"]), tables.ASSETS))[1] for r in rows]
+    pairs = []
+    for r, data in zip(rows, storage.cat_many(fs, paths)):
+        c, wnid, j = r["class_index"], storage.safe_relpath(r["wnid"]), r["feature_index"]
+        if isinstance(data, BaseException):
+            raise InputError(
+                f"class {c} feature {j} has no discovery assets ({tables.discover_pair(wnid, j)}/{tables.ASSETS} is missing); "
+                "run `salient discover CONFIG` first"
+            )
+        made = json.loads(data).get("files", {})
+        info = names.get(c, {})
+        pairs.append(Pair(
+            c, wnid, info.get("name") or "", info.get("definition") or "", info.get("supercategory") or "", j,
+            r["feature_rank"], {s: f"{wnid}/feature_{j}/{s}.png" for s in discover.STRIPS if s in made},
+        ))
+    return pairs
 
 
 @dataclass
@@ -168,7 +166,7 @@ class AnswerBook:
             submitted = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
             rows.append([
                 worker_id, pair.wnid, str(pair.class_index), str(pair.feature_index), str(pair.feature_rank),
-                answer, str(confidence), discover.csv_safe(reason), submitted,
+                answer, str(confidence), csv_safe(reason), submitted,
             ])
             buf = io.StringIO()
             writer = csv.writer(buf, lineterminator="\n")

@@ -8,40 +8,55 @@ Fleiss' kappa). ``POST /api/answers`` takes one answer as JSON and appends it un
 Safety: every text is escaped by the templates (autoescape) and a Content-Security-Policy allows
 only this app's own script; only the build's discovery strips and one example strip per class are
 served (by name, from the pairs of the build); answer bodies are limited to 64 KiB; ids are
-validated against the build. With a token, every request needs it (header ``X-Salient-Token``,
-``Authorization: Bearer``, or the cookie set by opening any page once with ``?token=``). Bound to
-a loopback address, requests must name a loopback host (no DNS rebinding); elsewhere a token is required.
+validated against the build; text fields refuse control characters. With a token, every request
+needs it (header ``X-Salient-Token``, ``Authorization: Bearer``, or the HttpOnly cookie set by posting
+it once to the ``/login`` form); a token in a URL is never accepted, and the access log shows no query
+strings. Bound to a loopback address, requests must name a loopback host (no DNS rebinding); elsewhere a
+token is required. Headers and bodies that do not arrive within ``read_timeout_s`` end the connection.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import ipaddress
+import logging
 import os
+import re
 import secrets
+import stat
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import urlencode
+from urllib.parse import parse_qs, quote
 
+import h11
 import jinja2
+import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError, field_validator
-from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from salient import builds, ingest, storage, tables
 from salient.agreement import fleiss_kappa
-from salient.answers import ANSWERS, CONFIDENCE_MAX, CONFIDENCE_MIN, MAX_ID
+from salient.answers import ANSWERS, CONFIDENCE_MAX, CONFIDENCE_MIN, CONTROL, MAX_ID
 from salient.app.book import AnswerBook, Conflict, read_pairs
 from salient.app.examples import ClassExamples
 from salient.config import Config
 from salient.errors import InputError
 
+log = logging.getLogger(__name__)
+
 MAX_BODY_BYTES = 64 * 1024
+MAX_LOGIN_BYTES = 4 * 1024
+MAX_HEADER_BYTES = 16 * 1024
+READ_TIMEOUT_S = 10.0
 MAX_REASON_CHARS = 2000
 MIN_TOKEN_CHARS = 16
 TOKEN_ENV = "SALIENT_APP_TOKEN"
@@ -49,6 +64,8 @@ TOKEN_HEADER = "x-salient-token"
 TOKEN_COOKIE = "salient_token"
 WORKER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
+# Browsers drop tabs and line breaks from addresses and read a backslash as a slash: "/\t/evil" is "//evil".
+_NOT_IN_NEXT = re.compile(r"[\\\x00-\x20\x7f-\x9f]")
 
 _HERE = Path(__file__).parent
 SECURITY_HEADERS = {
@@ -79,6 +96,7 @@ class AppSettings:
     crop: int = 224
     token: str | None = None
     allowed_hosts: tuple[str, ...] | None = None  # Host header names accepted; None: any
+    read_timeout_s: float = READ_TIMEOUT_S  # for a request's headers, and for its body
 
 
 def is_loopback(host: str) -> bool:
@@ -91,6 +109,22 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def host_name(header: str) -> str:
+    """The host name of a Host header, lower case and without port or IPv6 brackets (``[::1]:80`` -> ``::1``)."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        name, bracket, rest = header[1:].partition("]")
+        return name if bracket and (not rest or rest.startswith(":")) else ""
+    return header.partition(":")[0]
+
+
+def safe_next(path: str) -> str:
+    """``path`` when it is a path on this site (``/...``, not ``//host`` nor ``/\\host``), else ``/``."""
+    if not path.startswith("/") or path.startswith("//") or _NOT_IN_NEXT.search(path):
+        return "/"
+    return quote(path, safe="/-._~")
+
+
 def check_access(host: str, token: str | None) -> None:
     """:class:`InputError` unless the app may listen on ``host`` with ``token``: off loopback, a token is required."""
     if token is not None and len(token) < MIN_TOKEN_CHARS:
@@ -101,17 +135,26 @@ def check_access(host: str, token: str | None) -> None:
     if token is None and not is_loopback(host):
         raise InputError(
             f"--host {host} is reachable from other machines: give a shared token with --token or the "
-            f"environment variable {TOKEN_ENV} (people then open the app once with ?token=...), or keep --host 127.0.0.1"
+            f"environment variable {TOKEN_ENV} (people then enter it once on the app's first page), or keep --host 127.0.0.1"
         )
 
 
-def settings_from_config(cfg: Config, build_id: str | None = None, token: str | None = None) -> AppSettings:
+def settings_from_config(
+    cfg: Config, build_id: str | None = None, token: str | None = None, read_timeout_s: float = READ_TIMEOUT_S
+) -> AppSettings:
     """The app's settings for a config: its output root, the build ``build_id`` (default: latest)."""
     assert cfg.output is not None
+    if build_id is None and builds.read_pointer(cfg.output, "latest") is None:
+        unpublished = builds.read_pointer(cfg.output, "current")
+        if unpublished is not None:
+            raise InputError(
+                f"{cfg.output!r} has no published build yet (`salient run CONFIG` or `salient publish OUT` publishes "
+                f"one); to label the pairs of the unpublished current build, add --build {unpublished}"
+            )
     build = builds.resolve(cfg.output, build_id)
     return AppSettings(
         root=cfg.output, build=build, build_id=storage.basename(build), min_answers=cfg.annotations.min_answers,
-        resize=cfg.preprocess.resize, crop=cfg.preprocess.crop, token=token,
+        resize=cfg.preprocess.resize, crop=cfg.preprocess.crop, token=token, read_timeout_s=read_timeout_s,
     )
 
 
@@ -137,8 +180,9 @@ class AnswerIn(BaseModel):
         value = value.replace("\r\n", "\n").strip()
         if not value:
             raise ValueError("a reason is required: say what the red region shows")
-        if any(ch < " " and ch not in "\n\t" for ch in value):
-            raise ValueError("the reason contains control characters; use plain text")
+        bad = CONTROL.search(value)
+        if bad:
+            raise ValueError(f"the reason contains the control character U+{ord(bad.group()):04X}; use plain text")
         return value
 
 
@@ -148,6 +192,51 @@ def _problems(exc: ValidationError) -> list[dict]:
 
 def _same(given: str, token: str) -> bool:
     return secrets.compare_digest(given.encode("utf-8"), token.encode("utf-8"))
+
+
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes | Response:
+    """The request's body, or the response that refuses it: 413 over ``limit`` bytes, 408 when it does not
+    arrive within ``timeout_s`` (the connection is then closed), nothing sent when the client has left."""
+    too_large = JSONResponse({"detail": f"the body is larger than {limit} bytes"}, status_code=413)
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        return too_large
+    body = bytearray()
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    return too_large
+    except TimeoutError:
+        return JSONResponse({"detail": f"the body did not arrive within {timeout_s:g} s"}, status_code=408)
+    except ClientDisconnect:
+        log.info("%s left during its request to %s", _peer(request.client), request.url.path)
+        return Response(status_code=400)  # never sent: there is no one to send it to
+    return bytes(body)
+
+
+def _peer(client: tuple[str, int] | None) -> str:
+    return f"{client[0]}:{client[1]}" if client else "a client"
+
+
+def _read_regular(root: str, rel: str) -> bytes:
+    """The bytes of the regular file ``rel`` inside ``root``; FileNotFoundError for a folder, a device, a
+    pipe, or a path with a symbolic link anywhere below ``root``."""
+    uri = storage.under(root, rel)
+    fs, path = storage.url_to_fs(uri)
+    if not isinstance(fs, LocalFileSystem):  # object stores have neither links nor devices
+        if fs.isdir(path):
+            raise FileNotFoundError(f"{uri} is a folder")
+        return storage.read_bytes(uri)
+    if os.path.realpath(path) != os.path.join(os.path.realpath(storage.url_to_fs(root)[1]), rel):
+        raise FileNotFoundError(f"{uri} is reached through a symbolic link")
+    # O_NOFOLLOW: the last component cannot become a link after the check; O_NONBLOCK: a pipe does not hang.
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise FileNotFoundError(f"{uri} is not a regular file")
+        return fh.read()
 
 
 def create_app(settings: AppSettings) -> FastAPI:
@@ -163,37 +252,64 @@ def create_app(settings: AppSettings) -> FastAPI:
     )
     env.globals.update(build_id=settings.build_id, needed=settings.min_answers, answer_text=ANSWER_TEXT)
 
-    app = FastAPI(title="Salient annotation", docs_url=None, redoc_url=None, openapi_url=None)
+    # No redirects to add a or drop a trailing slash: the only redirect is the login's, to a checked path.
+    app = FastAPI(title="Salient annotation", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
     app.mount("/static", StaticFiles(directory=_HERE / "static"), name="static")
+
+    def page(name: str, status_code: int = 200, **context) -> HTMLResponse:
+        return HTMLResponse(env.get_template(name).render(**context), status_code=status_code)
+
+    def signed_in(request: Request) -> bool:
+        auth = request.headers.get("authorization", "")
+        supplied = (
+            request.headers.get(TOKEN_HEADER)
+            or (auth[7:] if auth.lower().startswith("bearer ") else None)
+            or request.cookies.get(TOKEN_COOKIE)
+        )
+        return bool(supplied) and settings.token is not None and _same(supplied, settings.token)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        if settings.token is not None:
-            given = request.query_params.get("token")
-            if given is not None and request.method == "GET" and _same(given, settings.token):
-                # Trade the token in the URL for a cookie, and drop it from the address bar.
-                query = urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
-                response = RedirectResponse(request.url.path + (f"?{query}" if query else ""), status_code=303)
-                response.set_cookie(TOKEN_COOKIE, settings.token, httponly=True, samesite="strict")
-                return response
-            auth = request.headers.get("authorization", "")
-            supplied = (
-                request.headers.get(TOKEN_HEADER)
-                or (auth[7:] if auth.lower().startswith("bearer ") else None)
-                or request.cookies.get(TOKEN_COOKIE)
-            )
-            if not supplied or not _same(supplied, settings.token):
-                return PlainTextResponse(
-                    "this annotation app needs its token: open the link you were given (it ends in ?token=...), "
-                    "or send the header X-Salient-Token",
-                    status_code=401, headers=SECURITY_HEADERS,
+        if settings.allowed_hosts is not None and host_name(request.headers.get("host", "")) not in settings.allowed_hosts:
+            return PlainTextResponse("Invalid host header", status_code=400, headers=SECURITY_HEADERS)
+        path = request.url.path
+        if settings.token is not None and path != "/login" and not path.startswith("/static/") and not signed_in(request):
+            if request.method in ("GET", "HEAD"):
+                response = page("login.html", status_code=401, next=safe_next(path), wrong=False)
+            else:
+                response = PlainTextResponse(
+                    "this annotation app needs its token: enter it on the app's first page, "
+                    "or send the header X-Salient-Token", status_code=401,
                 )
+            response.headers.update(SECURITY_HEADERS)
+            return response
         response = await call_next(request)
         response.headers.update(SECURITY_HEADERS)
         return response
 
-    def page(name: str, **context) -> HTMLResponse:
-        return HTMLResponse(env.get_template(name).render(**context))
+    @app.get("/login", response_class=HTMLResponse)
+    def login_form(request: Request) -> HTMLResponse:
+        if settings.token is None:
+            raise HTTPException(404, "this app has no token to enter")
+        return page("login.html", next=safe_next(request.query_params.get("next", "/")), wrong=False)
+
+    @app.post("/login")
+    async def login(request: Request) -> Response:
+        if settings.token is None:
+            raise HTTPException(404, "this app has no token to enter")
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/x-www-form-urlencoded":
+            return PlainTextResponse("post the token from the app's login form", status_code=415)
+        body = await _read_body(request, MAX_LOGIN_BYTES, settings.read_timeout_s)
+        if isinstance(body, Response):
+            return body
+        form = parse_qs(body.decode("utf-8", "replace"), max_num_fields=4)
+        given, target = (form.get("token") or [""])[0], safe_next((form.get("next") or ["/"])[0])
+        if not _same(given, settings.token):
+            return page("login.html", status_code=401, next=target, wrong=True)
+        response = RedirectResponse(target, status_code=303)
+        response.set_cookie(TOKEN_COOKIE, settings.token, httponly=True, samesite="strict")
+        return response
 
     def rows() -> list[dict]:
         out = []
@@ -246,9 +362,11 @@ def create_app(settings: AppSettings) -> FastAPI:
         if path not in assets:
             raise HTTPException(404, "no such asset in this build")
         try:
-            data = storage.read_bytes(storage.join(settings.build, tables.DISCOVER_DIR, storage.safe_relpath(path)))
-        except FileNotFoundError:
-            raise HTTPException(404, f"{path} is listed in {tables.TASKS.path} but missing; rerun `salient discover CONFIG`") from None
+            data = _read_regular(settings.build, f"{tables.DISCOVER_DIR}/{storage.safe_relpath(path)}")
+        except OSError:
+            raise HTTPException(
+                404, f"{path} is a pair's strip of this build but is missing or not a regular file; rerun `salient discover CONFIG`"
+            ) from None
         return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
     @app.get("/classes/{class_index}/examples.png")
@@ -278,17 +396,11 @@ def create_app(settings: AppSettings) -> FastAPI:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind != "application/json":
             return JSONResponse({"detail": "send the answer as JSON (Content-Type: application/json)"}, status_code=415)
-        too_large = JSONResponse({"detail": f"the body is larger than {MAX_BODY_BYTES} bytes"}, status_code=413)
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return too_large
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_BODY_BYTES:
-                return too_large
+        body = await _read_body(request, MAX_BODY_BYTES, settings.read_timeout_s)
+        if isinstance(body, Response):
+            return body
         try:
-            given = AnswerIn.model_validate_json(bytes(body))
+            given = AnswerIn.model_validate_json(body)
         except ValidationError as exc:
             return JSONResponse({"detail": _problems(exc)}, status_code=422)
         pair = book.pair(given.class_index, given.feature_index)
@@ -309,23 +421,76 @@ def create_app(settings: AppSettings) -> FastAPI:
             "next": following.url if following else None,
         }, status_code=201)
 
-    if settings.allowed_hosts is not None:
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(settings.allowed_hosts))
     return app
+
+
+class HeaderDeadline(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, closing a connection whose next request's headers have not all arrived
+    within ``timeout_keep_alive`` seconds of its opening or of the previous response (uvicorn alone only
+    times out a connection that sends nothing at all after a response)."""
+
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline = self.loop.call_later(self.timeout_keep_alive, self._late)
+
+    def _late(self) -> None:
+        waiting = self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete)
+        if waiting and not self.transport.is_closing():
+            log.info("closed a connection from %s whose request headers did not arrive in time", _peer(self.client))
+            self.transport.close()
+
+
+class RedactedAccessLog(logging.Filter):
+    """Shows uvicorn's access-log lines (``client - "METHOD path HTTP/v" status``, the path percent-encoded)
+    with any query string as ``?[redacted]``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and len(record.args) == 5 and isinstance(record.args[2], str):
+            path, query, _ = record.args[2].partition("?")
+            record.args = (*record.args[:2], path + ("?[redacted]" if query else ""), *record.args[3:])
+        return True
+
+
+_ACCESS_FILTER = RedactedAccessLog()
+
+
+def server(settings: AppSettings, host: str = "127.0.0.1", port: int = 8000) -> uvicorn.Server:
+    """The uvicorn server of the app on ``host:port``, not started: a loopback host admits only loopback Host
+    headers; headers and bodies must arrive within ``settings.read_timeout_s``."""
+    check_access(host, settings.token)
+    if is_loopback(host):
+        settings = dataclasses.replace(settings, allowed_hosts=(*LOOPBACK_HOSTS, host))
+    config = uvicorn.Config(
+        create_app(settings), host=host, port=port, http=HeaderDeadline, server_header=False, log_level="info",
+        timeout_keep_alive=settings.read_timeout_s, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+    )
+    logging.getLogger("uvicorn.access").addFilter(_ACCESS_FILTER)  # after the Config has set uvicorn's logging up
+    return uvicorn.Server(config)
 
 
 def serve(settings: AppSettings, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Run the app with uvicorn until interrupted."""
-    import uvicorn
-
-    check_access(host, settings.token)
-    if is_loopback(host):
-        settings = dataclasses.replace(settings, allowed_hosts=(*LOOPBACK_HOSTS, host))
-    app = create_app(settings)
+    running = server(settings, host, port)
     shown = f"[{host}]" if ":" in host else host
-    print(f"annotating build {settings.build_id}: http://{shown}:{port}/" + (" (open it with ?token=<the token>)" if settings.token else ""))
+    print(f"annotating build {settings.build_id}: http://{shown}:{port}/" + (" (people enter the token on its first page)" if settings.token else ""))
     print(f"answers go to {builds.incoming(settings.root)}/; `salient ingest CONFIG` turns them into labels")
-    uvicorn.run(app, host=host, port=port, server_header=False, log_level="info")
+    running.run()
 
 
 def token_from_env(given: str | None) -> str | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-from salient import discover, metadata, tables
+from salient import discover, tables
 from salient.config import ComputeConfig, DiscoverConfig, ModelConfig, PreprocessConfig
 from salient.stage import Item, Run, Stage, fail
 
@@ -56,9 +56,7 @@ class Discover(Stage):
         fail(self, [(by_fp[p.fingerprint], reason) for group, reason in result.failed for work in group for p in work.pairs])
 
     def commit(self, run: Run, results: list[tuple[Item, dict, str]]) -> dict:
-        cfg = run.config
-        meta = metadata.read_class_metadata(cfg.dataset.class_metadata) if cfg.dataset.class_metadata else None
-        uri = discover.write_tasks(run.build, [r for _, r, _ in results], meta, cfg.discover.base_url)
+        uri = discover.write_tasks(run.build, [r for _, r, _ in results], run.config.discover.base_url)
         made = sum(origin == "computed" for _, _, origin in results)
         run.log.info("wrote %d tasks to %s", len(results), uri)
         return {"pairs": len(results), "made": made, "reused": len(results) - made, "tasks": uri}

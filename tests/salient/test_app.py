@@ -1,30 +1,37 @@
 """The annotation app: API safety and validation, concurrent answers, the reviewer page, and a real
 browser labelling pairs as two workers before `salient ingest` turns the answers into labels."""
 
+import contextlib
 import csv
+import dataclasses
 import http.client
 import io
 import json
+import logging
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from salient import builds, config, discover, preflight, stages, storage, world
-from salient.app import AppSettings, check_access, create_app
+from salient import builds, config, discover, storage, world
+from salient.app import AppSettings, check_access, create_app, web
 from salient.errors import InputError
-from salient.stage import Run, execute
 from tests.browser import broken_images, browser, console_errors, free_port, full_page_screenshot, serve_app  # noqa: F401
-from tests.helpers import make_checkpoint
+from tests.helpers import build_stages, make_checkpoint
 
 BUILD_ID = "20260101T000000Z-abcdef"
 PAPER_COLUMNS = [
@@ -32,16 +39,6 @@ PAPER_COLUMNS = [
     "Answer.main", "Answer.confidence", "Answer.reasons",
 ]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _make_build(cfg: config.Config, build_id: str) -> str:
-    """Plan, activations, aggregation and discovery of the config's dataset into the build ``build_id``
-    of the config's output root, in this process; returns the build directory."""
-    chosen = stages.select(cfg, ["activations", "aggregate", "discover"])
-    run = Run(cfg, builds.Layout(cfg.output, build_id), preflight.for_stages(cfg, chosen))
-    for stage in chosen:
-        execute(stage, run)
-    return run.build
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +56,7 @@ def app_world(tmp_path_factory):
         "compute.shard_size=10", "compute.gpus_per_worker=0", "aggregate.features_per_class=2",
         "aggregate.grouping=label", "discover.images_per_pair=3", "discover.attack_steps=3",
     ])
-    build = _make_build(cfg, BUILD_ID)
+    build = build_stages(cfg, BUILD_ID, ["activations", "aggregate", "discover"])
     builds.write_pointer(root, "latest", BUILD_ID)
     builds.write_pointer(root, "current", BUILD_ID)
     path = tmp / "salient.yaml"
@@ -127,23 +124,29 @@ def test_answer_lands_in_incoming_in_the_papers_columns(app_world, tmp_path):
     assert rows[1]["Answer.reasons"] == "'=HYPERLINK()", "a formula-like reason is defused for spreadsheets"
 
 
+# The hostile answer bodies of the corpus: one field of a valid answer replaced, and the status due.
 BAD_BODIES = [
-    ("worker_id", ""), ("worker_id", "-alice"), ("worker_id", "a b"), ("worker_id", "../../etc"),
-    ("worker_id", "a/b"), ("worker_id", "x" * 65), ("worker_id", "=cmd"), ("worker_id", 7), ("worker_id", None),
-    ("class_index", -1), ("class_index", "0"), ("class_index", 0.5), ("class_index", True), ("class_index", 2**40),
-    ("feature_index", -3), ("feature_index", "1"), ("answer", "maybe"), ("answer", "Background"),
-    ("confidence", 0), ("confidence", 6), ("confidence", "3"), ("confidence", 2.5),
-    ("reason", ""), ("reason", "   \n "), ("reason", "null\x00byte"), ("reason", "x" * 2001), ("reason", 5),
+    (b["field"], b["value"], b["status"])
+    for b in json.loads((Path(__file__).parents[1] / "hostile" / "requests" / "answer_bodies.json").read_text())["bodies"]
 ]
 
 
-@pytest.mark.parametrize(("field", "value"), BAD_BODIES)
-def test_invalid_answers_are_422_and_write_nothing(app_world, tmp_path, field, value):
+@pytest.mark.parametrize(("field", "value", "status"), BAD_BODIES)
+def test_invalid_answers_are_refused_and_write_nothing(app_world, tmp_path, field, value, status):
     client = TestClient(create_app(_settings(app_world, tmp_path)))
     r = client.post("/api/answers", json=_answer(app_world.tasks[0], **{field: value}))
-    assert r.status_code == 422, (field, value, r.text)
+    assert r.status_code == status, (field, value, r.text)
     assert any(field in d["loc"] for d in r.json()["detail"]), r.json()
     assert _incoming_rows(tmp_path) == []
+
+
+def test_tabs_and_line_breaks_stay_in_reasons(app_world, tmp_path):
+    client = TestClient(create_app(_settings(app_world, tmp_path)))
+    r = client.post("/api/answers", json=_answer(app_world.tasks[0], reason="red:\tthe sky\r\nand the sea é"))
+    assert r.status_code == 201, r.text
+    assert _incoming_rows(tmp_path)[0]["Answer.reasons"] == "red:\tthe sky\nand the sea é", "CRLF is stored as LF"
+    control = client.post("/api/answers", json=_answer(app_world.tasks[1], reason="a\x85b"))
+    assert "U+0085" in control.json()["detail"][0]["msg"]
 
 
 def test_unknown_pairs_extra_fields_and_non_json_are_refused(app_world, tmp_path):
@@ -190,16 +193,21 @@ def test_bodies_over_64_kib_are_413(app_world, tmp_path):
     assert len(_incoming_rows(tmp_path)) == 1
 
 
-def _raw_get(base: str, path: str) -> tuple[int, bytes]:
-    """GET ``path`` exactly as written (no client-side normalisation of ``..`` or escapes)."""
+def _raw_request(base: str, method: str, path: str) -> tuple[int, bytes, dict[str, str]]:
+    """``method path`` exactly as written (no client-side normalisation of ``..``, ``//`` or escapes)."""
     host, port = base.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=10)
-    conn.putrequest("GET", path, skip_host=False, skip_accept_encoding=True)
+    conn.putrequest(method, path, skip_host=False, skip_accept_encoding=True)
     conn.endheaders()
     resp = conn.getresponse()
     body = resp.read()
     conn.close()
-    return resp.status, body
+    return resp.status, body, {k.lower(): v for k, v in resp.getheaders()}
+
+
+def _raw_get(base: str, path: str) -> tuple[int, bytes]:
+    status, body, _ = _raw_request(base, "GET", path)
+    return status, body
 
 
 def test_nothing_outside_the_build_assets_is_served(app_world, tmp_path):
@@ -326,8 +334,17 @@ def test_token_and_host_rules(app_world, tmp_path):
     assert client.get("/", headers={"X-Salient-Token": "wrong-token-wrong-token"}).status_code == 401
     assert client.get("/", headers={"X-Salient-Token": token}).status_code == 200
     assert client.post("/api/answers", json=_answer(task), headers={"Authorization": f"Bearer {token}"}).status_code == 201
-    r = client.get(f"/review?token={token}", follow_redirects=False)
-    assert r.status_code == 303 and r.headers["location"] == "/review" and "httponly" in r.headers["set-cookie"].lower()
+    in_url = client.get(f"/review?token={token}", follow_redirects=False)
+    assert in_url.status_code == 401 and "set-cookie" not in in_url.headers, "a token in a URL is not accepted"
+    assert 'action="/login"' in in_url.text and token not in in_url.text, "the login form, without the token"
+    assert client.post(f"/api/answers?token={token}", json=_answer(task)).status_code == 401
+    wrong = client.post("/login", data={"token": "wrong-token-wrong-token", "next": "/review"}, follow_redirects=False)
+    assert wrong.status_code == 401 and "set-cookie" not in wrong.headers and "not the token" in wrong.text
+    assert client.post("/login", json={"token": token}).status_code == 415
+    r = client.post("/login", data={"token": token, "next": "/review"}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/review"
+    cookie = r.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie
     assert client.get("/review").status_code == 200, "the cookie carries the token from then on"
     assert len(_incoming_rows(tmp_path)) == 1
 
@@ -342,6 +359,34 @@ def test_token_and_host_rules(app_world, tmp_path):
     guarded = TestClient(create_app(_settings(app_world, tmp_path, allowed_hosts=("127.0.0.1", "localhost"))))
     assert guarded.get("/", headers={"Host": "evil.example"}).status_code == 400, "DNS rebinding is refused"
     assert guarded.get("/", headers={"Host": "127.0.0.1:8000"}).status_code == 200
+    assert guarded.get("/", headers={"Host": "127.0.0.1.evil.example"}).status_code == 400
+    v6 = TestClient(create_app(_settings(app_world, tmp_path, allowed_hosts=("127.0.0.1", "localhost", "::1"))))
+    for host in ("[::1]:8000", "[::1]", "LOCALHOST:8000"):
+        assert v6.get("/", headers={"Host": host}).status_code == 200, host
+    for host in ("::1", "[::1].evil.example", "[::2]:8000", ""):
+        assert v6.get("/", headers={"Host": host}).status_code == 400, host
+
+
+@pytest.mark.parametrize("target", [
+    "//evil.example/", "/\\evil.example/", "https://evil.example/", "evil.example", "/\t/evil.example", "/\n/evil.example", " //evil.example", "",
+])
+def test_the_login_redirects_only_to_paths_of_this_site(app_world, tmp_path, target):
+    token = "s3cret-token-of-24-chars"
+    client = TestClient(create_app(_settings(app_world, tmp_path, token=token)))
+    r = client.post("/login", data={"token": token, "next": target}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/", (target, r.headers["location"])
+
+
+def test_no_redirect_leaves_the_site(app_world, tmp_path):
+    """`GET //evil.example/?token=T` once answered 303 to `//evil.example/`, which a browser reads as another host."""
+    token = "s3cret-token-of-24-chars"
+    for settings in (_settings(app_world, tmp_path, token=token), _settings(app_world, tmp_path)):
+        with serve_app(create_app(settings)) as base:
+            for path in (f"//evil.example/?token={token}", f"//evil.example/review?token={token}", "/review/", "//evil.example/"):
+                status, _, headers = _raw_request(base, "GET", path)
+                location = headers.get("location", "")
+                assert not 300 <= status < 400 or (location.startswith("/") and not location.startswith("//")), (path, status, location)
+                assert status in (401, 404), (path, status)
 
 
 def test_serve_command_refuses_open_hosts_and_unknown_builds(app_world, capsys, monkeypatch):
@@ -510,3 +555,194 @@ def test_two_workers_label_in_a_browser_and_ingest_labels(app_world, browser, pr
     assert (labels[key(b)]["label"], labels[key(b)]["kind"]) == ("spurious", "separate_object")
     assert (labels[key(c)]["n_answers"], labels[key(c)]["label"]) == (2, "insufficient")
     assert all(labels[key(t)]["label"] == "insufficient" and labels[key(t)]["n_answers"] == 0 for t in tasks[3:])
+
+
+@contextlib.contextmanager
+def _running(server) -> Iterator[None]:
+    """Run a ``uvicorn.Server`` made by ``web.server`` in a thread until the block ends."""
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the app did not start"
+        time.sleep(0.05)
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _logged(*names: str) -> Iterator[_Records]:
+    """Every record logged to the loggers ``names`` (each set to INFO) while the block runs."""
+    handler, loggers = _Records(), [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+
+
+def test_the_access_log_shows_no_token_nor_query(app_world, tmp_path):
+    token = "s3cret-token-of-24-chars"
+    port = free_port()
+    server = web.server(_settings(app_world, tmp_path, token=token), "127.0.0.1", port)
+    with _logged("uvicorn.access") as log, _running(server):
+        base = f"http://127.0.0.1:{port}"
+        for path in (f"/review?token={token}", f"/?next=1&token={token}", "/api/progress?worker_id=x%0a127.0.0.1%20-%20GET"):
+            assert _raw_request(base, "GET", path)[0] == 401
+    lines = [r.getMessage() for r in log.records]
+    assert len(lines) == 3, lines
+    assert all(token not in line and "\n" not in line for line in lines), lines
+    assert '"GET /review?[redacted] HTTP/1.1" 401' in lines[0] and "/api/progress?[redacted]" in lines[2]
+
+
+def test_strips_are_regular_files_inside_the_build(app_world, tmp_path):
+    """A link in discover/ (to a file outside, or a folder on the way), a folder and a pipe in place of a
+    listed strip are 404, never served nor a 500."""
+    build = tmp_path / "build"
+    shutil.copytree(app_world.build, build, symlinks=True)
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"\x89PNG SECRET-CONTENT")
+    first, second = app_world.tasks[0], app_world.tasks[1]
+    folder = lambda t: build / "discover" / t["wnid"] / f"feature_{t['feature_index']}"  # noqa: E731
+    url = lambda t, strip: f"/assets/{t['wnid']}/feature_{t['feature_index']}/{strip}.png"  # noqa: E731
+    (folder(first) / "images.png").unlink()
+    (folder(first) / "images.png").symlink_to(outside)
+    (folder(first) / "heatmaps.png").unlink()
+    (folder(first) / "heatmaps.png").mkdir()
+    (folder(first) / "attacks.png").unlink()
+    os.mkfifo(folder(first) / "attacks.png")
+    moved = tmp_path / "moved"
+    shutil.move(folder(second), moved)
+    folder(second).symlink_to(moved)
+    settings = dataclasses.replace(_settings(app_world, tmp_path), build=str(build))
+    client = TestClient(create_app(settings), raise_server_exceptions=False)
+    third = app_world.tasks[2]
+    ok = client.get(url(third, "images"))
+    assert ok.status_code == 200 and ok.content.startswith(b"\x89PNG")
+    for path in (url(first, "images"), url(first, "heatmaps"), url(first, "attacks"), url(second, "images")):
+        r = client.get(path)
+        assert r.status_code == 404 and b"SECRET-CONTENT" not in r.content, (path, r.status_code)
+        assert "not a regular file" in r.json()["detail"]
+
+
+def _can_bind_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _can_bind_ipv6_loopback(), reason="this machine has no IPv6 loopback")
+def test_ipv6_loopback_answers_its_own_url(app_world, tmp_path):
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::1", 0))
+        port = s.getsockname()[1]
+    with _running(web.server(_settings(app_world, tmp_path), "::1", port)):
+        with urllib.request.urlopen(f"http://[::1]:{port}/", timeout=10) as resp:
+            assert resp.status == 200, "the URL the app prints"
+        conn = http.client.HTTPConnection("::1", port, timeout=10)
+        conn.request("GET", "/", headers={"Host": "evil.example"})
+        assert conn.getresponse().status == 400, "other Host names are still refused"
+        conn.close()
+
+
+def _stall(port: int, data: bytes, host: str = "127.0.0.1") -> tuple[float, bytes]:
+    """Send ``data``, then wait: the seconds until the server closes the connection, and what it sent."""
+    start = time.monotonic()
+    with socket.create_connection((host, port), timeout=8) as conn:
+        conn.sendall(data)
+        got = b""
+        while chunk := conn.recv(4096):
+            got += chunk
+    return time.monotonic() - start, got
+
+
+def test_stalled_headers_and_bodies_are_dropped(app_world, tmp_path):
+    token = "s3cret-token-of-24-chars"
+    port = free_port()
+    server = web.server(_settings(app_world, tmp_path, token=token, read_timeout_s=1.0), "127.0.0.1", port)
+    head = f"Host: 127.0.0.1\r\nX-Salient-Token: {token}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    with _running(server):
+        took, got = _stall(port, b"")
+        assert took < 4 and got == b"", "a connection that sends nothing"
+        took, got = _stall(port, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Sal")
+        assert took < 4 and got == b"", "headers that stop half way"
+        took, got = _stall(port, f"POST /api/answers HTTP/1.1\r\n{head}{{".encode())
+        assert took < 4 and got.startswith(b"HTTP/1.1 408 "), "a body stalled at 1 of 100 bytes"
+        form = head.replace("application/json", "application/x-www-form-urlencoded")
+        took, got = _stall(port, f"POST /login HTTP/1.1\r\n{form}token=".encode())
+        assert took < 4 and got.startswith(b"HTTP/1.1 408 ")
+        took, got = _stall(port, f"GET /api/progress HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Salient-Token: {token}\r\n\r\n".encode())
+        assert got.startswith(b"HTTP/1.1 200 ") and 0.5 < took < 4, "a kept-alive connection is closed once idle"
+    assert _incoming_rows(tmp_path) == []
+
+
+def test_a_client_leaving_mid_answer_is_one_info_line(app_world, tmp_path):
+    with _logged("uvicorn", "uvicorn.error", "salient.app.web") as log:
+        with serve_app(create_app(_settings(app_world, tmp_path))) as base:
+            port = int(base.rsplit(":", 1)[1])
+            with socket.create_connection(("127.0.0.1", port), timeout=8) as conn:
+                conn.sendall(b"POST /api/answers HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 100\r\n\r\n{")
+                time.sleep(0.3)
+            time.sleep(1.0)
+    worse = [r.getMessage() for r in log.records if r.levelno > logging.INFO]
+    assert worse == [], worse
+    left = [r for r in log.records if "left" in r.getMessage()]
+    assert len(left) == 1 and left[0].levelno == logging.INFO and left[0].exc_info is None
+    assert _incoming_rows(tmp_path) == []
+
+
+def test_serve_right_after_discover_names_the_unpublished_build(app_world, tmp_path, capsys, monkeypatch):
+    from salient import cli
+
+    root = tmp_path / "out"
+    shutil.copytree(app_world.build, root / "builds" / BUILD_ID)
+    builds.write_pointer(str(root), "current", BUILD_ID)  # as `salient discover` leaves it: nothing published
+    monkeypatch.delenv("SALIENT_APP_TOKEN", raising=False)
+    assert cli.main(["annotate", "serve", app_world.config, "--set", f"output={root}"]) == 2
+    err = capsys.readouterr().err
+    assert "no published build" in err and f"--build {BUILD_ID}" in err, err
+    assert cli.main(["annotate", "serve", app_world.config, "--read-timeout", "nan"]) == 2
+    assert "--read-timeout nan" in capsys.readouterr().err
+
+
+def test_the_login_form_in_a_browser(app_world, browser, tmp_path):  # noqa: F811
+    from selenium.webdriver.common.by import By
+
+    token = "s3cret-token-of-24-chars"
+    driver = browser
+    with serve_app(create_app(_settings(app_world, tmp_path, token=token))) as base:
+        driver.delete_all_cookies()
+        driver.get(base + "/review")
+        driver.find_element(By.ID, "token").send_keys("wrong-token-wrong-token")
+        driver.find_element(By.ID, "enter").click()
+        _wait_text(driver, "wrong", "not the token")
+        console_errors(driver)  # the two 401 pages so far
+        driver.find_element(By.ID, "token").send_keys(token)
+        driver.find_element(By.ID, "enter").click()
+        _wait_url(driver, base + "/review")
+        driver.find_element(By.ID, "kappa")  # the review page itself
+        [cookie] = driver.get_cookies()
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+        assert token not in driver.current_url and console_errors(driver) == []
+        driver.delete_all_cookies()

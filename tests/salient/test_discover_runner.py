@@ -67,6 +67,8 @@ def _tables(build, root, ckpt):
                     topk[key].append(v)
     storage.write_parquet(storage.join(build, tables.PAIRS.path), pa.table(pairs), "fp")
     storage.write_parquet(storage.join(build, tables.TOPK_CLASS.path), pa.table(topk), "fp")
+    classes = {"class_index": list(range(CLASSES)), "wnid": [f"n{c:04d}" for c in range(CLASSES)], "name": [f"class {c}" for c in range(CLASSES)]}
+    storage.write_parquet(storage.join(build, tables.CLASSES.path), pa.table(classes), "fp")
 
 
 def _discover(root, ckpt, output, batch_size) -> tuple[str, dict]:

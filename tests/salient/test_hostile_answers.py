@@ -1,13 +1,16 @@
 """Hostile and broken answer CSVs (wrong encodings, byte-order marks, binary data, huge fields that
-hide rows) and formula-looking cells in the task CSVs given to spreadsheet users."""
+hide rows, stray quotes), files dropped for ingest that are not answer CSVs, and formula-looking
+cells in the task CSVs given to spreadsheet users."""
 
 import csv
 import io
 
+import pyarrow as pa
 import pytest
 
-from salient import discover, ingest, storage
-from salient.answers import MAX_FIELD_CHARS
+from salient import discover, ingest, storage, tables
+from salient.answers import MAX_FIELD_CHARS, answer_files
+from salient.errors import InputError
 from salient.metadata import ClassInfo
 
 HEADER = ["WorkerId", "Input.wordnet_id", "Input.class_index", "Input.feature_index", "Input.feature_rank",
@@ -91,7 +94,7 @@ def test_a_huge_field_cannot_smuggle_rows(tmp_path):
     assert labels(out)[(0, 7)]["label"] == "core" and summary["accepted"] == 5
 
 
-def test_an_unterminated_huge_field_rejects_its_file_only(tmp_path):
+def test_an_unterminated_huge_field_rejects_its_row_only(tmp_path):
     good = tmp_path / "good.csv"
     good.write_text(csv_text([answer(f"w{i}") for i in range(5)]), encoding="utf-8", newline="")
     broken = tmp_path / "broken.csv"
@@ -100,9 +103,9 @@ def test_an_unterminated_huge_field_rejects_its_file_only(tmp_path):
     out = str(tmp_path / "out")
     summary = ingest.ingest(out, [str(good), str(broken)], CLASSES)
     [bad] = rejected(out)
-    assert (storage.basename(bad["file"]), bad["reason_kind"]) == ("broken.csv", "unreadable_file")
+    assert (storage.basename(bad["file"]), bad["line"], bad["reason_kind"]) == ("broken.csv", 3, "unreadable_row")
     assert "unexpected end of data" in bad["reason"]
-    assert summary["accepted"] == 5
+    assert summary["accepted"] == 6, "the five good answers and v0's, before the broken row"
 
 
 @pytest.mark.parametrize("cell", [
@@ -127,7 +130,12 @@ def test_tasks_csv_round_trips_hostile_metadata_as_text(tmp_path):
         for c in (hostile, plain)
     ]
     out = str(tmp_path / "out")
-    uri = discover.write_tasks(out, records, [hostile, plain], base_url=" =http://evil")
+    classes = pa.table({
+        "class_index": pa.array([0, 1], pa.int32()), "wnid": [hostile.wnid, plain.wnid], "name": [hostile.name, plain.name],
+        "definition": [hostile.definition, plain.definition], "supercategory": [hostile.supercategory, plain.supercategory],
+    })
+    storage.write_parquet(storage.join(out, tables.CLASSES.path), classes, "test")
+    uri = discover.write_tasks(out, records, base_url=" =http://evil")
     rows = list(csv.DictReader(io.StringIO(storage.read_bytes(uri).decode("utf-8"), newline="")))
     assert [r["class_name"] for r in rows] == ["'" + hostile.name, "goldfish"]
     assert rows[0]["definition"] == "'" + hostile.definition
@@ -135,3 +143,56 @@ def test_tasks_csv_round_trips_hostile_metadata_as_text(tmp_path):
     assert rows[0]["images_url"] == "' =http://evil/n01440764/feature_3/images.png"
     for r in rows:
         assert not any(v.lstrip(" \n").startswith(("=", "+", "-", "@", "\t", "\r")) for v in r.values())
+
+
+def test_every_file_dropped_for_ingest_is_read_or_listed(tmp_path):
+    root = tmp_path / "out"
+    incoming = root / "annotations" / "incoming"
+    (incoming / "batch2").mkdir(parents=True)
+    (incoming / "UPPER.CSV").write_text(csv_text([answer(f"u{i}") for i in range(3)]), newline="")
+    (incoming / "mixed.Csv").write_text(csv_text([answer(f"m{i}") for i in range(2)]), newline="")
+    (incoming / "batch2" / "nested.csv").write_text(csv_text([answer("n0")]), newline="")
+    (incoming / "answers.xlsx").write_bytes(b"PK\x03\x04")
+    (incoming / "notes.txt").write_text("see the sheet")
+    (incoming / ".hidden.csv").write_text(csv_text([answer("h0")]), newline="")
+    (incoming / f".UPPER.CSV.tmp-{'0' * 32}").write_text("half of a file being written")  # an atomic write in progress
+    files = answer_files(str(root))
+    assert [storage.basename(f) for f in files] == ["UPPER.CSV", "mixed.Csv"]
+
+    out = str(tmp_path / "build")
+    summary = ingest.ingest(out, files, CLASSES, answers_root=str(root))
+    assert summary["accepted"] == 5 and labels(out)[(0, 7)]["label"] == "core"
+    listed = {r["file"].removeprefix(str(incoming) + "/"): r for r in rejected(out)}
+    assert set(listed) == {"batch2/nested.csv", "answers.xlsx", "notes.txt", ".hidden.csv"}
+    assert {(r["line"], r["reason_kind"]) for r in listed.values()} == {(0, "not_an_answer_file")}
+    assert "subfolder" in listed["batch2/nested.csv"]["reason"] and ".csv" in listed["notes.txt"]["reason"]
+    assert "hidden" in listed[".hidden.csv"]["reason"]
+
+
+def test_only_files_that_are_not_read_name_them_in_the_error(tmp_path):
+    from salient.answers import INCOMING, check_inputs
+
+    incoming = tmp_path / "annotations" / "incoming"
+    incoming.mkdir(parents=True)
+    (incoming / "answers.xlsx").write_bytes(b"PK")
+    with pytest.raises(InputError, match=r"no answer files to ingest: .*found only files that are not read: answers\.xlsx"):
+        check_inputs(str(tmp_path), [], None, INCOMING, "put CSV files")
+
+
+@pytest.mark.parametrize("stray", [
+    'w2,n01440764,0,7,1,main_object,4,"fins\r\n',  # a quote that is never closed
+    'w2,n01440764,0,7,1,main_object,4,"fins"x\r\n',  # text after a closing quote
+])
+def test_a_stray_quote_rejects_only_the_rows_it_makes_unreadable(tmp_path, stray):
+    before = csv_text([answer("w0"), answer("w1")])
+    after = "".join(",".join(answer(f"w{i}")) + "\r\n" for i in (3, 4, 5))
+    path = tmp_path / "answers.csv"
+    path.write_text(before + stray + after, encoding="utf-8", newline="")
+    out = str(tmp_path / "out")
+    summary = ingest.ingest(out, [str(path)], CLASSES)
+    [bad] = rejected(out)
+    assert (bad["line"], bad["reason_kind"]) == (4, "unreadable_row")
+    assert "line 4 was not used" in bad["reason"] and bad["raw"].startswith('"w2,')
+    accepted = storage.read_parquet(storage.join(out, ingest.ANSWERS_TABLE)).to_pylist()
+    assert [(a["worker_id"], a["line"]) for a in accepted] == [("w0", 2), ("w1", 3), ("w3", 5), ("w4", 6), ("w5", 7)]
+    assert summary["accepted"] == 5 and labels(out)[(0, 7)]["n_answers"] == 5

@@ -177,7 +177,7 @@ def test_bad_files_are_rejected_whole_and_the_others_ingest(tmp_path):
     assert got == [
         (no_answer, 1, "missing_columns"),
         (latin, 0, "unreadable_file"),
-        (str(bad_quotes), 0, "unreadable_file"),
+        (str(bad_quotes), 2, "unreadable_row"),
         (str(empty), 1, "missing_columns"),
     ]
     assert "Answer.main" in table(out, "rejected.parquet")[0]["reason"]

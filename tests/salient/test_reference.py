@@ -5,12 +5,14 @@ import os
 from collections import defaultdict
 
 import numpy as np
+import pytest
 import pandas as pd
 from PIL import Image
 from torchvision import transforms
 
 from salient import cli
 from salient.dataset import SalientMasks
+from salient.errors import InputError
 from salient.reference import OTHER_CLASS, export_reference, loader_alignment
 from tests.salient.test_masks import CROP, _build, _generalize
 
@@ -142,6 +144,8 @@ def test_import_round_trips_an_export_and_evaluate_runs_on_it(tmp_path, capsys):
     assert {(r["class_index"], r["feature_index"]): r["label"] for r in got} == labels
     rejected = storage.read_parquet(f"{imported.build}/masks/rejected.parquet").to_pylist()
     assert sorted(r["relpath"] or r["wnid"] for r in rejected) == ["n0000/gone.JPEG", "n0009"]
+    with pytest.raises(InputError, match="holds no NAMs"):  # a release holds masks, not the maps they came from
+        imported.rebuild(0, 64)
 
     first = run_stages(cfg, "evaluate")
     assert first["reused"] == 0
