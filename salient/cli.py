@@ -194,7 +194,7 @@ def cmd_study_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_import_reference(args: argparse.Namespace) -> int:
-    from salient.reference import IMPORT_REJECTED, import_reference
+    from salient.reference import import_reference
 
     cfg = _load(args)
     if cfg.dataset is None or cfg.output is None:
@@ -205,7 +205,7 @@ def cmd_import_reference(args: argparse.Namespace) -> int:
         f"from {s['answers']} answers) into {s['build']}, published as latest"
     )
     for reason, n in s["rejected_by_reason"].items():
-        print(f"rejected {n}: {reason} (listed in {IMPORT_REJECTED})")
+        print(f"rejected {n}: {reason} (listed in {tables.IMPORT_REJECTED.path})")
     return 0
 
 

@@ -32,7 +32,6 @@ from salient.images import DECODE_ERRORS
 WORDNET_DICT = "wordnet_dict.py"
 NAMES_MAP = "image_names_map.csv"
 LEFT_OUT = "left_out.csv"
-IMPORT_REJECTED = f"{tables.MASKS_DIR}/rejected.parquet"
 EXTENSION = ".JPEG"
 JPEG_QUALITY = 95
 
@@ -263,7 +262,7 @@ def import_reference(release: str, cfg: Config, answers: list[str]) -> dict:
         "n_group": pa.nulls(len(classes), pa.int64()),
         "reason": pa.nulls(len(classes), pa.string()),
     }), fp)
-    storage.write_parquet(storage.join(build, IMPORT_REJECTED), pa.Table.from_pylist(rejected, schema=pa.schema([
+    storage.write_parquet(storage.join(build, tables.IMPORT_REJECTED.path), pa.Table.from_pylist(rejected, schema=pa.schema([
         ("wnid", pa.string()), ("feature_index", pa.int64()), ("name", pa.string()), ("relpath", pa.string()), ("reason", pa.string()),
     ])), fp)
     summary = {

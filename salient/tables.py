@@ -87,6 +87,10 @@ MASK_INDEX = Table(
      "image_label", "rank", "activation", "nam", "nam_h", "nam_w"),
 )
 MASKS = Table("masks/masks.zarr", "generalize", "the masks: Zarr v3, uint8 [n, H, W]")
+IMPORT_REJECTED = Table(
+    "masks/rejected.parquet", "import", "every listed mask, image or class of a release not imported (salient import reference)",
+    ("wnid", "feature_index", "name", "relpath", "reason"),
+)
 STUDY_TASKS = Table(
     "study/tasks.csv", "study", "one generalisation-study task per pair (salient study export)",
     ("class_index", "wnid", "class_name", "definition", "supercategory", "feature_index", "feature_rank", "label",
@@ -136,7 +140,7 @@ ALL: tuple[Table, ...] = (
     CLASSES, IMPORTANCE, PAIRS, TOPK_NEURON, TOPK_CLASS, TOPK_CANDIDATES,
     TASKS,
     ANSWERS, LABELS, REJECTED,
-    MASK_INDEX, MASKS,
+    MASK_INDEX, MASKS, IMPORT_REJECTED,
     STUDY_TASKS, GENERALIZATION, GENERALIZATION_ANSWERS, GENERALIZATION_REJECTED,
     PREDICTIONS, EVAL_PAIRS, EVAL_CLASSES, EVAL_SUMMARY,
     REPORT,

@@ -14,7 +14,7 @@ from salient.stage import execute, local_run
 from tests.helpers import tiny_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-OUTSIDE_THE_REGISTRY = ("study", "run")  # `salient study export|ingest`; the manifest of `salient run`
+OUTSIDE_THE_REGISTRY = ("study", "run", "import")  # `salient study export|ingest`; the manifest of `salient run`; `salient import reference`
 
 
 def documented_tables() -> list[tuple[str, str]]:
