@@ -20,10 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
-import torchvision.transforms.functional as TF
 from PIL import Image
 
-from salient import builds, ingest, masks, storage, tables
+from salient import builds, images, ingest, masks, storage, tables
 from salient.config import Config
 from salient.dataset import SalientMasks
 from salient.errors import InputError
@@ -115,8 +114,8 @@ def loader_alignment(masks: np.ndarray, resize: int, crop: int) -> np.ndarray:
     """``masks`` (uint8 ``[n, H, W]``) as the release's loader uses them: ``Resize(resize)`` (PIL
     bilinear) then ``CenterCrop(crop)`` of each, uint8 ``[n, crop, crop]``."""
     out = np.empty((len(masks), crop, crop), np.uint8)
-    for i, mask in enumerate(masks):
-        out[i] = np.asarray(TF.center_crop(TF.resize(Image.fromarray(mask), resize), crop))
+    for i, mask in enumerate(masks):  # the images' own preprocessing, as the loader applies it to both
+        out[i] = images.preprocess_uint8(Image.fromarray(mask), resize, crop)[0].numpy()
     return out
 
 
