@@ -17,10 +17,6 @@ import torch
 from PIL import Image
 
 from salient import images, plan
-from salient.cli import LOCAL_ENV_DEFAULTS
-
-for _key, _value in LOCAL_ENV_DEFAULTS.items():
-    os.environ.setdefault(_key, _value)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

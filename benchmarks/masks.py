@@ -1,6 +1,7 @@
-"""Mask storage: bytes per mask (Zarr zstd shards, PNG, JPEG q=90, the index's ``nam``), masks
-written per second into the Zarr store (local disk and S3), and the latency of reading one mask
-from S3 through zarr.
+"""Mask storage: bytes per mask and one core's time to compress and decompress it for each
+``generalize.compression`` (the stage's own shard encoder), next to PNG, JPEG q=90 and the index's
+``nam``; masks written per second into the Zarr store (local disk and S3) as the stage writes them;
+and the latency of reading one mask through zarr.
 
 The masks are NAMs of a random-weight ResNet-50 at 224 px on photo-like JPEGs: for each image its
 most active last-conv channels, as a feature's top images are. S3 is a local SeaweedFS server
@@ -16,8 +17,10 @@ import io
 import statistics
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numcodecs
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -81,17 +84,50 @@ def encoded_sizes(m: np.ndarray, lows: np.ndarray) -> dict:
     }
 
 
+def codec_costs(out: str, root: str, rows: pa.Table, m: np.ndarray) -> dict:
+    """Per ``generalize.compression`` (the codec read back from a store the stage's way creates),
+    and for zstd at level 3 for comparison: bytes per mask, and one core's milliseconds to compress
+    and to decompress a mask (thread CPU time, best of ``WRITE_REPEATS``), each mask checked after
+    its round trip."""
+    codecs = {}
+    for name in masks.COMPRESSORS:
+        masks.prepare(out, root, rows, CROP, GeneralizeConfig(masks_per_shard=SHARD, compression=name), f"codec-{name}")
+        codecs[name] = masks.shard_codec(masks.open_array(out))
+        assert codecs[name] is not None, f"{name}: the store's layout is not the stage's own"
+    codecs["zstd level 3 (for comparison)"] = numcodecs.Zstd(level=3)
+    result = {}
+    for name, codec in codecs.items():
+        enc, dec = float("inf"), float("inf")
+        for _ in range(WRITE_REPEATS):
+            t0 = time.thread_time()
+            frames = [codec.encode(mask) for mask in m]
+            enc = min(enc, time.thread_time() - t0)
+            t0 = time.thread_time()
+            back = [codec.decode(f) for f in frames]
+            dec = min(dec, time.thread_time() - t0)
+        if any(not np.array_equal(np.frombuffer(b, np.uint8).reshape(mask.shape), mask) for b, mask in zip(back, m)):
+            raise AssertionError(f"{name}: a mask read back differs from the one written")
+        result[name] = {
+            "bytes_per_mask": sum(len(f) for f in frames) / len(m),
+            "compress_ms_per_mask": 1000 * enc / len(m), "decompress_ms_per_mask": 1000 * dec / len(m),
+        }
+    return result
+
+
 def write_rate(out: str, root: str, rows: pa.Table, m: np.ndarray) -> dict:
-    """Masks per second written into a fresh store, one shard per write as the stage's blocks do
-    (median of ``WRITE_REPEATS``), and the stored bytes."""
+    """Masks per second written into a fresh store (default compression) as the stage's blocks
+    write them (:func:`salient.masks.write_shard`: one shard object per write, its masks encoded on
+    a pool of one thread per core), median of ``WRITE_REPEATS``; and the stored bytes."""
     seconds = []
     for r in range(WRITE_REPEATS):
         # a new stage fingerprint each time, so prepare makes a fresh, empty array
         masks.prepare(out, root, rows, CROP, GeneralizeConfig(masks_per_shard=SHARD), f"bench-{r}")
-        t0 = time.perf_counter()
-        for start in range(0, len(m), SHARD):
-            masks.open_array(out, mode="r+")[start : start + SHARD] = m[start : start + SHARD]
-        seconds.append(time.perf_counter() - t0)
+        arr = masks.open_array(out, mode="r+")
+        with ThreadPoolExecutor() as pool:
+            t0 = time.perf_counter()
+            for start in range(0, len(m), SHARD):
+                masks.write_shard(out, arr, start, m[start : start + SHARD], pool)
+            seconds.append(time.perf_counter() - t0)
     fs, path = storage.url_to_fs(storage.join(out, masks.ZARR_PATH))
     sizes = fs.find(path, detail=True)
     shards = [v["size"] for k, v in sizes.items() if not k.endswith("zarr.json")]
@@ -110,7 +146,7 @@ def layout(out: str) -> str:
     shard = meta["chunk_grid"]["configuration"]["chunk_shape"]
     sharding = next(c for c in meta["codecs"] if c["name"] == "sharding_indexed")["configuration"]
     codecs = ", ".join(
-        c["name"] + "".join(f" {k}={v}" for k, v in (c.get("configuration") or {}).items() if k == "level")
+        c["name"] + "".join(f" {k}={v}" for k, v in (c.get("configuration") or {}).items() if k in ("level", "cname", "clevel"))
         for c in sharding["codecs"] if c["name"] != "bytes"
     )
     return f"Zarr v{meta['zarr_format']}, chunks {sharding['chunk_shape']} in shard objects {shard}, {codecs}"
@@ -148,6 +184,7 @@ def main() -> None:
         print(f"{len(m)} masks computed in {compute_s:.0f}s", flush=True)
         sizes = encoded_sizes(m, lows)
         local_out = str(Path(tmp) / "out")
+        codecs = codec_costs(local_out, str(photos), rows, m)
         local = write_rate(local_out, str(photos), rows, m)
         store_layout = layout(local_out)
         local["read"] = read_latency(local_out, m, args.reads)
@@ -161,7 +198,7 @@ def main() -> None:
                       f"the {args.features_per_image} most active channels of each",
         "masks": len(m), "shape": list(m.shape[1:]), "nam_shape": list(lows.shape[1:]), "layout": store_layout,
         "mean_mask_value": float(m.mean() / 255),
-        "bytes_per_mask": {"zarr_zstd": local["bytes_per_mask"], **sizes},
+        "bytes_per_mask": {"zarr_default": local["bytes_per_mask"], **sizes}, "compression": codecs,
         "local": local, "s3": s3, "environment": environment(),
     }
     b = result["bytes_per_mask"]
@@ -174,11 +211,14 @@ def main() -> None:
         f"Store: {store_layout}. S3: a local SeaweedFS server.\n\n"
         "| format | bytes per mask | vs raw |\n|---|---|---|\n"
         f"| raw uint8 | {raw:,} | 1.00 |\n"
-        f"| Zarr shards (zstd) | {b['zarr_zstd']:,.0f} | {b['zarr_zstd'] / raw:.3f} |\n"
-        f"| PNG file each | {b['png']:,.0f} | {b['png'] / raw:.3f} |\n"
+        + "".join(f"| Zarr shards, {name} | {c['bytes_per_mask']:,.0f} | {c['bytes_per_mask'] / raw:.3f} |\n" for name, c in codecs.items())
+        + f"| PNG file each | {b['png']:,.0f} | {b['png'] / raw:.3f} |\n"
         f"| JPEG q=90 file each (lossy: median max error {b['jpeg_q90_max_abs_error_median']:.0f} levels) | {b['jpeg_q90']:,.0f} | {b['jpeg_q90'] / raw:.3f} |\n"
         f"| `nam` ({lows.shape[1]}x{lows.shape[2]} float16, raw) | {b['nam_raw']} | {b['nam_raw'] / raw:.4f} |\n"
         f"| `nam` in index.parquet (zstd) | {b['nam_parquet_zstd']:.0f} | {b['nam_parquet_zstd'] / raw:.4f} |\n\n"
+        "| codec | compress, one core (ms per mask) | decompress (ms per mask) |\n|---|---|---|\n"
+        + "".join(f"| {name} | {c['compress_ms_per_mask']:.3f} | {c['decompress_ms_per_mask']:.3f} |\n" for name, c in codecs.items())
+        + "\n"
         "| store | masks written per second | read one mask: fresh handle, median / p95 (ms) | warm handle, median / p95 (ms) |\n"
         "|---|---|---|---|\n"
         + "".join(
@@ -186,7 +226,7 @@ def main() -> None:
             f"| {r['read']['warm_handle']['median_ms']:.1f} / {r['read']['warm_handle']['p95_ms']:.1f} |\n"
             for name, r in (("local disk", local), ("S3 (local SeaweedFS)", s3))
         )
-        + f"\nWrites: one shard ({SHARD} masks) per write, each through a newly opened array, as the stage's blocks do; "
+        + f"\nWrites: one shard ({SHARD} masks) per write through the stage's shard encoder, default compression; "
         f"median of {WRITE_REPEATS}. Reads: {args.reads} random rows, each checked against the mask written; "
         "a fresh handle re-reads the array metadata, the fsspec filesystem (and its connections) is shared.\n"
     )

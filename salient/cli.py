@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from salient import config as cfgmod
-from salient import preflight, storage, tables
+from salient import preflight, resources, storage, tables
 from salient.errors import ConfigError, InputError, UserError
 
 # Local-run defaults (docs/design.md §4): no telemetry, Ray kept on loopback with auth off.
@@ -428,6 +428,7 @@ def _stage_names() -> tuple[str, ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     for key, value in LOCAL_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    resources.apply_worker_env()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["validate"]:
         args = _validate_parser().parse_args(argv[1:])

@@ -225,6 +225,11 @@ class GeneralizeConfig(_Section):
         "filed under and predicted as it, or predicted as it",
     )
     masks_per_shard: int = Field(256, gt=0, description="masks per Zarr shard object (one writer each)")
+    compression: Literal["zstd", "lz4"] = Field(
+        "zstd",
+        description="how each mask is compressed in the Zarr store: zstd (level 1) or lz4 (Blosc, level 9: twice "
+        "as fast to write and to read, for half as many bytes again)",
+    )
 
 
 class EvalModelConfig(_Section):

@@ -3,7 +3,7 @@
 A pair's label, given on its top-5 images, is applied to its top-K images without more human
 work; the mask of each of those images is the pair's NAM. Masks go to ``masks/masks.zarr`` (Zarr
 v3, uint8 ``[n, H, W]``, value = round(255 * NAM), one mask per chunk, ``masks_per_shard`` chunks
-per shard object, zstd) and ``masks/index.parquet`` describes row i of the array in its row i,
+per shard object, zstd or Blosc lz4) and ``masks/index.parquet`` describes row i of the array in its row i,
 including ``nam``, the normalised low-resolution map (h*w float16), from which any size can be
 rebuilt.
 
@@ -31,7 +31,7 @@ import torch
 import google_crc32c
 import numcodecs
 import zarr
-from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 
 from salient import builds, nam, storage, stream, tables
 from salient.config import ComputeConfig, GeneralizeConfig, ModelConfig, PreprocessConfig
@@ -89,15 +89,20 @@ IO_THREADS = 16
 
 
 # The shard layout every mask array is created with (see :func:`prepare`): inner chunks of one
-# mask, encoded as raw bytes then zstd; the index (offset, length per chunk, uint64 little-endian)
-# at the end with its crc32c. Shards of this layout are encoded here, each chunk in the worker's
-# thread pool, and written as one object: zarr's own writer spends more on its per-chunk
-# machinery than on compressing.
+# mask, encoded as raw bytes then one compressor (:data:`COMPRESSORS`); the index (offset, length
+# per chunk, uint64 little-endian) at the end with its crc32c. Shards of this layout are encoded
+# here, each chunk in the worker's thread pool, and written as one object: zarr's own writer spends
+# more on its per-chunk machinery than on compressing.
 _EMPTY = 2**64 - 1
+# generalize.compression -> the Zarr codec of each mask. Both are codecs every Zarr v3 reader has.
+COMPRESSORS = {
+    "zstd": lambda: ZstdCodec(level=1),
+    "lz4": lambda: BloscCodec(cname="lz4", clevel=9, shuffle="noshuffle", typesize=1),
+}
 
 
-def shard_codec(arr: zarr.Array) -> numcodecs.Zstd | None:
-    """The zstd codec of the inner chunks when ``arr`` has the layout :func:`write_shard` and
+def shard_codec(arr: zarr.Array) -> numcodecs.abc.Codec | None:
+    """The compressor of the inner chunks when ``arr`` has the layout :func:`write_shard` and
     :func:`read_shard` encode and decode themselves, else None."""
     meta = arr.metadata
     if arr.dtype != np.uint8 or len(meta.codecs) != 1 or not isinstance(meta.codecs[0], ShardingCodec):
@@ -107,12 +112,21 @@ def shard_codec(arr: zarr.Array) -> numcodecs.Zstd | None:
     if (
         shard.index_location.value != "end" or tuple(shard.chunk_shape) != (1, *arr.shape[1:])
         or tuple(arr.shards[1:]) != tuple(arr.shape[1:])
-        or len(inner) != 2 or not isinstance(inner[0], BytesCodec) or not isinstance(inner[1], ZstdCodec)
+        or len(inner) != 2 or not isinstance(inner[0], BytesCodec)
         or len(index) != 2 or not isinstance(index[0], BytesCodec) or index[0].endian.value != "little"
         or not isinstance(index[1], Crc32cCodec)
     ):
         return None
-    return numcodecs.Zstd(level=inner[1].level, checksum=inner[1].checksum)
+    codec = inner[1]
+    if isinstance(codec, ZstdCodec):
+        return numcodecs.Zstd(level=codec.level, checksum=codec.checksum)
+    if isinstance(codec, BloscCodec) and codec.typesize in (None, 1):
+        shuffle = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE, "bitshuffle": numcodecs.Blosc.BITSHUFFLE}
+        return numcodecs.Blosc(
+            cname=codec.cname.value, clevel=codec.clevel, shuffle=shuffle[codec.shuffle.value if codec.shuffle else "noshuffle"],
+            blocksize=codec.blocksize,
+        )
+    return None
 
 
 def write_shard(build: str, arr: zarr.Array, start: int, masks: np.ndarray, pool: ThreadPoolExecutor) -> None:
@@ -298,6 +312,8 @@ class MaskRunner:
             m.checkpoint, m.arch, m.format, self.compute, threads=self.threads, device=self.device, need_discovery=True,
         )
         self.stream = ImageStream(None, self.preprocess, self.inference.device, self.compute.batch_size, decode_threads(self.compute, self.threads))
+        # Each build's mask array, opened once: the driver creates it before any block is handed out.
+        self._arrays: dict[str, zarr.Array] = {}
 
     def __call__(self, block: MaskBlock) -> dict:
         crop = self.preprocess.crop
@@ -317,7 +333,7 @@ class MaskRunner:
                 assert block.nam_shape is not None
                 positions = sorted(block.cached)
                 low = torch.tensor([block.cached[i] for i in positions], dtype=torch.float32).reshape(len(positions), *block.nam_shape)
-                up = quantize(nam.upsample(low, crop).clamp_(0, 1)).numpy()
+                up = nam.masks_uint8(low, crop).numpy()
                 for k, i in enumerate(positions):
                     out_masks[i], lows[i] = up[k], low[k].numpy()
             parts = self._infer(block, feed, todo) if todo else []
@@ -327,7 +343,9 @@ class MaskRunner:
             out_masks[positions] = up.numpy()
             for k, i in enumerate(positions):
                 lows[i] = low[k].numpy()
-        write_shard(block.build, open_array(block.build, mode="r+"), block.start, out_masks, self.stream.pool)
+        if block.build not in self._arrays:
+            self._arrays[block.build] = open_array(block.build, mode="r+")
+        write_shard(block.build, self._arrays[block.build], block.start, out_masks, self.stream.pool)
         h, w = lows[0].shape
         flat = np.stack(lows).reshape(n, h * w).astype(np.float32)
         table = pa.table({
@@ -358,8 +376,8 @@ class MaskRunner:
                 first = batch.positions[0]  # a batch without failures holds consecutive images
                 a, b = bisect.bisect_left(images, first), bisect.bisect_left(images, batch.positions[-1] + 1)
                 maps = self.inference(batch.pixels).maps
-                low, up = nam.nams(maps[image_index[a:b] - first], feature_index[a:b], crop)
-                parts.append(([i for _, i in todo[a:b]], copies.add(low), copies.add(quantize(up))))
+                low = nam.low_maps(maps[image_index[a:b] - first], feature_index[a:b])
+                parts.append(([i for _, i in todo[a:b]], copies.add(low), copies.add(nam.masks_uint8(low, crop))))
         copies.wait()
         return parts
 
@@ -389,7 +407,7 @@ def prepare(
         zarr.create_array(
             store=_store(storage.join(build, tables.MASKS.path), read_only=False),
             shape=(max(n, 0), crop, crop), chunks=(1, crop, crop), shards=(cfg.masks_per_shard, crop, crop),
-            dtype="uint8", fill_value=0, compressors=ZstdCodec(level=3), overwrite=True,
+            dtype="uint8", fill_value=0, compressors=COMPRESSORS[cfg.compression](), overwrite=True,
             attributes={"salient.fingerprint": store_fp, "salient.schema_version": storage.SCHEMA_VERSION},
         )
     return blocks

@@ -31,11 +31,32 @@ def upsample(nam: Tensor, size: int | tuple[int, int]) -> Tensor:
     return F.interpolate(nam[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
+def low_maps(maps: Tensor, channels: Tensor | list[int]) -> Tensor:
+    """The normalised low-resolution maps ``[N, h, w]`` of ``channels[i]`` of ``maps[i]``."""
+    idx = torch.as_tensor(channels, device=maps.device)
+    return normalize_maps(maps[torch.arange(len(idx), device=maps.device), idx].float())
+
+
 def nams(maps: Tensor, channels: Tensor | list[int], size: int | tuple[int, int]) -> tuple[Tensor, Tensor]:
     """(normalised low-resolution maps ``[N, h, w]``, masks ``[N, H, W]``) of ``channels[i]`` of ``maps[i]``."""
-    idx = torch.as_tensor(channels, device=maps.device)
-    low = normalize_maps(maps[torch.arange(len(idx), device=maps.device), idx].float())
+    low = low_maps(maps, channels)
     return low, upsample(low, size).clamp_(0, 1)
+
+
+# Masks made at once on the CPU by :func:`masks_uint8`: their float temporaries (0.2 MB each at
+# 224 px) stay in cache, where whole batches of them would not.
+MASK_CHUNK = 8
+
+
+def masks_uint8(low: Tensor, size: int | tuple[int, int]) -> Tensor:
+    """The stored masks of normalised maps ``[N, h, w]``: uint8 ``round(255 * clip(upsample(low), 0, 1))``,
+    ``[N, H, W]`` on ``low``'s device; equal to :func:`to_uint8` of the float masks of :func:`nams`."""
+    h, w = (size, size) if isinstance(size, int) else size
+    out = torch.empty((len(low), h, w), dtype=torch.uint8, device=low.device)
+    step = MASK_CHUNK if low.device.type == "cpu" else max(1, len(low))
+    for s in range(0, len(low), step):
+        out[s : s + step] = upsample(low[s : s + step], (h, w)).clamp_(0, 1).mul_(255.0).round_()
+    return out
 
 
 def jet(x: np.ndarray) -> np.ndarray:

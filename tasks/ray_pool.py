@@ -24,6 +24,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from salient.config import ComputeConfig
 from salient.errors import ConfigError, Unreachable
+from salient import resources
 from salient.resources import WorkerResources, plan_workers
 from salient.stage import ITEMS_PER_WORKER, Builder, OnResult, PoolResult, reason_of
 
@@ -107,9 +108,9 @@ def ray_cluster(address: str | None = None, connect_timeout_s: float = DEFAULT_C
     if not ray.is_initialized():
         if address:
             wait_reachable(address, connect_timeout_s)
-            ray.init(address=address, logging_level=logging.WARNING)
+            ray.init(address=address, logging_level=logging.WARNING, runtime_env={"env_vars": resources.worker_env()})
         else:
-            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, runtime_env={"env_vars": resources.worker_env()})
         started = True
     try:
         yield dict(ray.cluster_resources())

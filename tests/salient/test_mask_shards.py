@@ -1,12 +1,12 @@
-"""Mask shards encoded by Salient read back through zarr exactly as zarr's own writer's do, and an
-array of another layout is written by zarr."""
+"""Mask shards encoded by Salient (zstd, or Blosc with any of its settings) read back through zarr
+exactly as zarr's own writer's do, and an array of another layout is written by zarr."""
 
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import zarr
-from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
 
 from salient import masks, storage, tables
 from salient.errors import InputError
@@ -22,6 +22,10 @@ def new_array(build, n, compressors=ZstdCodec(level=3)):
     )
 
 
+# Every compressor generalize.compression names, and Blosc's defaults (zstd with bit shuffling).
+COMPRESSORS = [pytest.param(make(), id=name) for name, make in masks.COMPRESSORS.items()] + [pytest.param(BloscCodec(), id="blosc-defaults")]
+
+
 @pytest.fixture
 def pool():
     with ThreadPoolExecutor(2) as p:
@@ -35,10 +39,12 @@ def random_masks(n, seed=0):
     return m
 
 
-def test_encoded_shards_read_back_through_zarr_like_zarrs_own(tmp_path, pool):
+@pytest.mark.parametrize("compressor", COMPRESSORS)
+def test_encoded_shards_read_back_through_zarr_like_zarrs_own(tmp_path, pool, compressor):
     n = 2 * ROWS + 3  # two full shards and a partial last one
     data = random_masks(n)
-    ours, theirs = new_array(tmp_path / "ours", n), new_array(tmp_path / "theirs", n)
+    ours, theirs = new_array(tmp_path / "ours", n, compressor), new_array(tmp_path / "theirs", n, compressor)
+    assert masks.shard_codec(ours) is not None
     for start in range(0, n, ROWS):
         masks.write_shard(str(tmp_path / "ours"), ours, start, data[start : start + ROWS], pool)
     theirs[:] = data
@@ -60,17 +66,21 @@ def test_a_shard_of_zero_masks_is_no_object_even_over_an_old_one(tmp_path, pool)
 
 
 def test_another_layout_is_written_by_zarr(tmp_path, pool):
-    arr = new_array(tmp_path, ROWS, compressors=BloscCodec())
+    arr = new_array(tmp_path, ROWS, compressors=GzipCodec())
     data = random_masks(ROWS, seed=1)
     masks.write_shard(str(tmp_path), arr, 0, data, pool)
     assert np.array_equal(arr[:], data)
     assert storage.exists(str(tmp_path / tables.mask_shard_object(0)))
 
 
-def test_encoded_shards_are_decoded_without_zarr_and_a_damaged_index_is_refused(tmp_path, pool):
+@pytest.mark.parametrize("compressor", COMPRESSORS)
+def test_encoded_shards_are_decoded_without_zarr_and_a_damaged_index_is_refused(tmp_path, pool, compressor):
     n = ROWS + 5
     data = random_masks(n, seed=2)
-    arr = new_array(tmp_path, n)
+    arr = new_array(tmp_path, n, compressor)
+    theirs = new_array(tmp_path / "theirs", n, compressor)
+    theirs[:ROWS] = data[:ROWS]
+    assert np.array_equal(masks.read_shard(arr, (tmp_path / "theirs" / tables.mask_shard_object(0)).read_bytes(), "c/0/0/0"), data[:ROWS])
     masks.write_shard(str(tmp_path), arr, 0, data[:ROWS], pool)  # the second shard is never written
     first = (tmp_path / tables.mask_shard_object(0)).read_bytes()
     assert np.array_equal(masks.read_shard(arr, first, "c/0/0/0"), data[:ROWS])
@@ -79,4 +89,4 @@ def test_encoded_shards_are_decoded_without_zarr_and_a_damaged_index_is_refused(
     damaged[-20] ^= 0xFF  # a byte of the index
     with pytest.raises(InputError, match="damaged"):
         masks.read_shard(arr, bytes(damaged), "c/0/0/0")
-    assert masks.shard_codec(new_array(tmp_path / "blosc", n, compressors=BloscCodec())) is None
+    assert masks.shard_codec(new_array(tmp_path / "gzip", n, compressors=GzipCodec())) is None

@@ -60,3 +60,17 @@ def test_heatmap_is_jet_plus_image_over_its_max():
     raw = np.array([[[0.5, 0, 0], [0, 0, 0.5]], [[0.15 / 0.31, 1, 1 - 0.16 / 0.31], [0.2, 0.4, 1.1]]])
     np.testing.assert_allclose(out, raw / raw.max(), atol=1e-6)
     assert out[0, 0].argmax() == 0, "high NAM is red"
+
+
+@pytest.mark.parametrize("n", [1, nam.MASK_CHUNK, nam.MASK_CHUNK + 1, 3 * nam.MASK_CHUNK + 5])
+def test_stored_masks_are_the_rounded_float_masks_whatever_their_number(n):
+    g = torch.Generator().manual_seed(n)
+    maps = torch.rand(n, 4, 7, 7, generator=g) * 3
+    channels = torch.randint(0, 4, (n,), generator=g)
+    low, floats = nam.nams(maps, channels, 40)
+    stored = nam.masks_uint8(low, 40)
+    assert stored.dtype == torch.uint8 and stored.shape == (n, 40, 40)
+    assert np.array_equal(stored.numpy(), nam.to_uint8(floats.numpy())), "the same numbers as the float masks, rounded"
+    for i in range(n):  # and within one level of a hand-written bilinear resize of the normalised map
+        expected = np.rint(255 * np.clip(_bilinear_half_pixel(low[i].numpy().astype(np.float64), 40, 40), 0, 1))
+        assert np.abs(stored[i].numpy().astype(int) - expected).max() <= 1
