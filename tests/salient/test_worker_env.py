@@ -15,14 +15,13 @@ PROBE = """
 import json, os, sys
 from salient import cli
 cli.main(['validate', '/nonexistent/config.yaml'])
-""".strip()
-REPORT = "print(json.dumps({'omp': os.environ.get('OMP_WAIT_POLICY'), 'torch_loaded': 'torch' in sys.modules}))"
+print(json.dumps({'omp': os.environ.get('OMP_WAIT_POLICY'), 'torch_loaded': 'torch' in sys.modules}))
+"""
 
 
 def _seen_by_the_cli(extra: dict[str, str]) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in resources.WORKER_ENV_DEFAULTS} | extra
-    code = f"{PROBE.replace('cli.main', 'code = cli.main')}\n{REPORT}"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
