@@ -425,10 +425,16 @@ def _stage_names() -> tuple[str, ...]:
     return registry.NAMES
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def apply_env_defaults() -> None:
+    """Give this process the local-run defaults and the worker environment where it has no value of
+    its own: what `salient` gives itself, before torch is imported."""
     for key, value in LOCAL_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     resources.apply_worker_env()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    apply_env_defaults()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["validate"]:
         args = _validate_parser().parse_args(argv[1:])

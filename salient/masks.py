@@ -99,6 +99,7 @@ COMPRESSORS = {
     "zstd": lambda: ZstdCodec(level=1),
     "lz4": lambda: BloscCodec(cname="lz4", clevel=9, shuffle="noshuffle", typesize=1),
 }
+_BLOSC_SHUFFLE = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE, "bitshuffle": numcodecs.Blosc.BITSHUFFLE}
 
 
 def shard_codec(arr: zarr.Array) -> numcodecs.abc.Codec | None:
@@ -121,11 +122,8 @@ def shard_codec(arr: zarr.Array) -> numcodecs.abc.Codec | None:
     if isinstance(codec, ZstdCodec):
         return numcodecs.Zstd(level=codec.level, checksum=codec.checksum)
     if isinstance(codec, BloscCodec) and codec.typesize in (None, 1):
-        shuffle = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE, "bitshuffle": numcodecs.Blosc.BITSHUFFLE}
-        return numcodecs.Blosc(
-            cname=codec.cname.value, clevel=codec.clevel, shuffle=shuffle[codec.shuffle.value if codec.shuffle else "noshuffle"],
-            blocksize=codec.blocksize,
-        )
+        shuffle = _BLOSC_SHUFFLE[codec.shuffle.value if codec.shuffle else "noshuffle"]
+        return numcodecs.Blosc(cname=codec.cname.value, clevel=codec.clevel, shuffle=shuffle, blocksize=codec.blocksize)
     return None
 
 

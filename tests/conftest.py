@@ -5,15 +5,13 @@ import tempfile
 
 import pytest
 
-from salient import config, resources
-from salient.cli import LOCAL_ENV_DEFAULTS
+from salient import config
+from salient.cli import apply_env_defaults
 from tests.s3server import s3_server  # noqa: F401 -- session fixture: a local S3 server
 from tests.helpers import make_checkpoint, make_image_folder
 
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="salient-test-prefect-"))
-for key, value in LOCAL_ENV_DEFAULTS.items():
-    os.environ.setdefault(key, value)
-resources.apply_worker_env()  # as `salient` gives itself: before torch is imported
+apply_env_defaults()
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
