@@ -16,10 +16,12 @@ from __future__ import annotations
 import codecs
 import contextlib
 import csv
+import fcntl
 import hashlib
 import io
 import json
 import math
+import os
 import posixpath
 import re
 import threading
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import pyarrow as pa
+from fsspec.implementations.local import LocalFileSystem
 
 from salient import storage
 from salient.errors import InputError
@@ -187,6 +190,39 @@ def check_inputs(root: str, answer_uris: Sequence[str], classes: Mapping[int, st
         raise InputError(f"answer files not found: {', '.join(missing)}; check the paths and {storage.join(root, folder)}/")
     if classes is not None and not classes:
         raise InputError("classes is empty; pass None to skip the class check, or the dataset's classes")
+
+
+def read_answer_file(uri: str) -> bytes:
+    """The bytes of the answer file at ``uri``. On a local disk it is read under a shared lock, so that
+    an answer being appended (:func:`append_answer_records`) is read whole or not at all."""
+    fs, path = storage.url_to_fs(uri)
+    if not isinstance(fs, LocalFileSystem):
+        return storage.read_bytes(uri)
+    with open(path, "rb") as fh:
+        with contextlib.suppress(OSError):  # a filesystem without locks is read as before
+            fcntl.flock(fh.fileno(), fcntl.LOCK_SH)
+        return fh.read()
+
+
+def append_answer_records(path: str, data: bytes) -> None:
+    """Append ``data``, whole CSV records, to the existing local answer file at ``path`` and flush it to
+    disk, under an exclusive lock: a reader (:func:`read_answer_file`) sees the file before or after
+    them, never part of them. On an error the file is cut back to its length before."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        with contextlib.suppress(OSError):  # a filesystem without locks is written as before
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        try:
+            rest = memoryview(data)
+            while rest:
+                rest = rest[os.write(fd, rest):]
+            os.fsync(fd)
+        except BaseException:
+            os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)  # and with it the lock
 
 
 class Rejected(Exception):
@@ -349,7 +385,7 @@ class Ledger:
     def read(self, uri: str) -> None:
         """Check every row of the answer file at ``uri`` into the ledger; a file that cannot be read
         is one rejected entry."""
-        data = storage.read_bytes(uri)
+        data = read_answer_file(uri)
         self.digests.append((uri, hashlib.sha256(data).hexdigest()))
         try:
             text = _decode(data)

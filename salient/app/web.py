@@ -1,9 +1,11 @@
 """The annotation web app (FastAPI): people label a build's (class, feature) pairs in a browser.
 
-Pages: ``/`` (the pairs and their progress), ``/pairs/{class}/{feature}`` (one task: the class,
-example images, the three strips and the paper's three questions), ``/review`` (votes, labels and
-Fleiss' kappa). ``POST /api/answers`` takes one answer as JSON and appends it under
-``OUT/annotations/incoming/`` in the paper's columns; ``GET /api/progress`` says what a worker has done.
+Pages: ``/`` (the pairs and their progress, :data:`PAGE_SIZE` at a time, filtered by class and by
+state), ``/pairs/{class}/{feature}`` (one task: the class, example images, the three strips and the
+paper's three questions), ``/review`` (votes, labels and Fleiss' kappa; its table paged and filtered
+as the index). ``POST /api/answers`` takes one answer as JSON and appends it under
+``OUT/annotations/incoming/`` in the paper's columns; ``GET /api/progress`` says what a worker has
+done and which pair is theirs next.
 
 Safety: every text is escaped by the templates (autoescape) and a Content-Security-Policy allows
 only this app's own script; only the build's discovery strips and one example strip per class are
@@ -26,15 +28,16 @@ import re
 import secrets
 import stat
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import parse_qs, quote
+from urllib.parse import parse_qs, quote, urlencode
 
 import h11
 import jinja2
 import uvicorn
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -46,7 +49,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from salient import builds, ingest, storage, tables
 from salient.agreement import fleiss_kappa
 from salient.answers import ANSWERS, CONFIDENCE_MAX, CONFIDENCE_MIN, CONTROL, MAX_ID
-from salient.app.book import AnswerBook, Conflict, read_pairs
+from salient.app.book import STATES, AnswerBook, Conflict, Pair, read_pairs
 from salient.app.examples import ClassExamples
 from salient.config import Config
 from salient.errors import InputError
@@ -64,6 +67,10 @@ TOKEN_HEADER = "x-salient-token"
 TOKEN_COOKIE = "salient_token"
 WORKER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
+PAGE_SIZE = 100  # pairs on a page of the index and of the review
+MAX_SEARCH_CHARS = 100
+_NOT_IN_SEARCH = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_PAIR_KEY = re.compile(r"([0-9]{1,10})/([0-9]{1,10})")
 # Browsers drop tabs and line breaks from addresses and read a backslash as a slash: "/\t/evil" is "//evil".
 _NOT_IN_NEXT = re.compile(r"[\\\x00-\x20\x7f-\x9f]")
 
@@ -184,6 +191,52 @@ class AnswerIn(BaseModel):
         if bad:
             raise ValueError(f"the reason contains the control character U+{ord(bad.group()):04X}; use plain text")
         return value
+
+
+PageNumber = Annotated[int, Query(alias="page", ge=1, le=MAX_ID)]
+Search = Annotated[str, Query(max_length=MAX_SEARCH_CHARS)]
+State = Annotated[Literal[STATES], Query()]
+WorkerQuery = Annotated[str | None, Query(pattern=WORKER_ID_PATTERN)]
+# "CLASS/FEATURE," for every pair of a page, ids of up to 10 digits
+PairList = Annotated[str | None, Query(alias="pairs", max_length=PAGE_SIZE * 22)]
+
+
+@dataclass(frozen=True)
+class Listing:
+    """One page of the pairs that match the filters of a request to the index or the review."""
+
+    path: str  # of the page, for the links to its other pages
+    pairs: Sequence[Pair]  # on this page
+    offset: int  # matching pairs before this page's
+    matching: int
+    number: int
+    pages: int
+    q: str
+    state: str
+    worker: str | None
+
+    def url(self, number: int) -> str:
+        """The address of page ``number`` with the same filters."""
+        query = {"q": self.q, "state": self.state if self.state != "all" else "", "worker": self.worker or "",
+                 "page": str(number) if number > 1 else ""}
+        given = {k: v for k, v in query.items() if v}
+        return self.path + ("?" + urlencode(given) if given else "")
+
+
+def _invalid(name: str, msg: str) -> HTTPException:
+    """A 422 for the query parameter ``name``, in the shape of FastAPI's own."""
+    return HTTPException(422, [{"loc": ["query", name], "msg": msg, "type": "value_error"}])
+
+
+def _pair_keys(text: str) -> list[tuple[int, int]]:
+    """The (class, feature) pairs of ``CLASS/FEATURE,CLASS/FEATURE...`` (none for an empty text)."""
+    keys = []
+    for item in text.split(",") if text else ():
+        m = _PAIR_KEY.fullmatch(item)
+        if m is None:
+            raise _invalid("pairs", f"{item[:40]!r} is not CLASS/FEATURE: give pairs as CLASS/FEATURE separated by commas, e.g. 3/7,3/9")
+        keys.append((int(m.group(1)), int(m.group(2))))
+    return keys
 
 
 def _problems(exc: ValidationError) -> list[dict]:
@@ -311,18 +364,30 @@ def create_app(settings: AppSettings) -> FastAPI:
         response.set_cookie(TOKEN_COOKIE, settings.token, httponly=True, samesite="strict")
         return response
 
-    def rows() -> list[dict]:
-        out = []
-        for i, p in enumerate(pairs):
-            n = book.n_answers(p.key)
-            out.append({"i": i + 1, "pair": p, "n": n, "done": n >= settings.min_answers})
-        return out
+    def listing(path: str, number: int, q: str, state: str, worker: str | None) -> Listing:
+        bad = _NOT_IN_SEARCH.search(q)
+        if bad:
+            raise _invalid("q", f"the search holds the control character U+{ord(bad.group()):04X}; search for plain text")
+        if state == "mine" and worker is None:
+            raise _invalid("worker", "state=mine lists the pairs a worker answered: add worker=YOUR_WORKER_ID")
+        matching = book.select(q.strip(), state, worker)
+        pages = max(1, -(-len(matching) // PAGE_SIZE))
+        if number > pages:
+            raise HTTPException(404, f"page {number} is past the last page, {pages}, of the {len(matching)} pairs that match")
+        start = (number - 1) * PAGE_SIZE
+        return Listing(path, matching[start:start + PAGE_SIZE], start, len(matching), number, pages, q, state, worker)
 
     @app.get("/", response_class=HTMLResponse)
-    def index() -> HTMLResponse:
+    def index(page_number: PageNumber = 1, q: Search = "", state: State = "all", worker: WorkerQuery = None) -> HTMLResponse:
         book.refresh()
-        first = book.next_pair(None)
-        return page("index.html", rows=rows(), first=first, open=book.open_pairs(), total=len(pairs))
+        shown = listing("/", page_number, q, state, worker)
+        rows = []
+        for p in shown.pairs:
+            n = book.n_answers(p.key)
+            rows.append({"i": book.position(p) + 1, "pair": p, "n": n, "done": n >= settings.min_answers})
+        return page(
+            "index.html", listing=shown, rows=rows, first=book.next_pair(None), open=book.open_pairs(), total=len(pairs),
+        )
 
     @app.get("/pairs/{class_index}/{feature_index}", response_class=HTMLResponse)
     def task(class_index: int, feature_index: int) -> HTMLResponse:
@@ -330,7 +395,7 @@ def create_app(settings: AppSettings) -> FastAPI:
         if pair is None:
             raise HTTPException(404, f"class {class_index} feature {feature_index} is not a pair of build {settings.build_id}")
         book.refresh()
-        i = pairs.index(pair)
+        i = book.position(pair)
         return page(
             "pair.html", pair=pair, n=book.n_answers(pair.key), position=i + 1, total=len(pairs),
             previous=pairs[i - 1] if i > 0 else None, following=pairs[i + 1] if i + 1 < len(pairs) else None,
@@ -338,23 +403,27 @@ def create_app(settings: AppSettings) -> FastAPI:
         )
 
     @app.get("/review", response_class=HTMLResponse)
-    def review() -> HTMLResponse:
+    def review(page_number: PageNumber = 1, q: Search = "", state: State = "all", worker: WorkerQuery = None) -> HTMLResponse:
         book.refresh()
-        table, enough, labels = [], [], Counter()
+        shown = listing("/review", page_number, q, state, worker)
+        enough, labels, n_answers = [], Counter(), 0
         for p in pairs:
-            answers = book.answers(p.key)
-            votes = Counter(a.answer for a in answers)
-            counts = [votes[a] for a in ANSWERS]
-            label, kind = ingest.label_votes(*counts, settings.min_answers)
-            labels[label] += 1
-            if len(answers) >= settings.min_answers:
+            counts = book.votes(p.key)
+            labels[ingest.label_votes(*counts, settings.min_answers)[0]] += 1
+            n_answers += sum(counts)
+            if sum(counts) >= settings.min_answers:
                 enough.append(counts)
+        table = []
+        for p in shown.pairs:
+            answers = book.answers(p.key)
+            counts = book.votes(p.key)
+            label, kind = ingest.label_votes(*counts, settings.min_answers)
             confidence = sum(a.confidence for a in answers) / len(answers) if answers else None
             table.append({"pair": p, "votes": counts, "n": len(answers), "label": label, "kind": kind,
                           "confidence": confidence, "answers": answers})
         return page(
-            "review.html", table=table, kappa=fleiss_kappa(enough), kappa_pairs=len(enough), labels=labels,
-            answers=sum(r["n"] for r in table), rejected=book.rejected_rows,
+            "review.html", listing=shown, table=table, kappa=fleiss_kappa(enough), kappa_pairs=len(enough), labels=labels,
+            answers=n_answers, rejected=book.rejected_rows,
         )
 
     @app.get("/assets/{path:path}")
@@ -377,17 +446,19 @@ def create_app(settings: AppSettings) -> FastAPI:
         return Response(strip, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
     @app.get("/api/progress")
-    def progress(worker_id: str | None = None) -> JSONResponse:
+    def progress(worker_id: str | None = None, pairs_shown: PairList = None) -> JSONResponse:
         if worker_id is not None:
             try:
                 _WORKER_ID.validate_python(worker_id)
             except ValidationError as exc:
                 return JSONResponse({"detail": _problems(exc)}, status_code=422)
+        among = _pair_keys(pairs_shown) if pairs_shown is not None else None
         book.refresh()
-        mine = book.answered_by(worker_id) if worker_id else set()
+        mine = book.answered_by(worker_id, among) if worker_id else set()
         following = book.next_pair(worker_id)
         return JSONResponse({
-            "pairs": len(pairs), "open": book.open_pairs(), "labelled_by_you": len(mine),
+            "pairs": len(pairs), "open": book.open_pairs(),
+            "labelled_by_you": book.n_answered_by(worker_id) if worker_id else 0,
             "answered": sorted(f"{c}/{j}" for c, j in mine), "next": following.url if following else None,
         })
 
@@ -417,7 +488,7 @@ def create_app(settings: AppSettings) -> FastAPI:
         following = book.next_pair(given.worker_id, pair.key)
         return JSONResponse({
             "n_answers": book.n_answers(pair.key), "needed": settings.min_answers,
-            "labelled_by_you": len(book.answered_by(given.worker_id)), "pairs": len(pairs),
+            "labelled_by_you": book.n_answered_by(given.worker_id), "pairs": len(pairs),
             "next": following.url if following else None,
         }, status_code=201)
 

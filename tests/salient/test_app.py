@@ -120,7 +120,7 @@ def test_answer_lands_in_incoming_in_the_papers_columns(app_world, tmp_path):
     second = client.post("/api/answers", json=_answer(app_world.tasks[2], reason="=HYPERLINK()"))
     assert second.status_code == 201
     rows = _incoming_rows(tmp_path)
-    assert len(rows) == 2 and len({r["_file"] for r in rows}) == 1, "one file per worker, rewritten whole"
+    assert len(rows) == 2 and len({r["_file"] for r in rows}) == 1, "one file per worker, appended to"
     assert rows[1]["Answer.reasons"] == "'=HYPERLINK()", "a formula-like reason is defused for spreadsheets"
 
 
@@ -456,6 +456,7 @@ INJECTION = '<script>window.pwned = 1; document.title = "pwned"</script><img src
 
 def test_two_workers_label_in_a_browser_and_ingest_labels(app_world, browser, prefect_server, tmp_path):  # noqa: F811
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
 
     root, tasks = app_world.root, app_world.tasks
     a, b, c = tasks[:3]
@@ -509,6 +510,11 @@ def test_two_workers_label_in_a_browser_and_ingest_labels(app_world, browser, pr
         _wait_text(driver, "progress", f"3 of {len(tasks)} labelled by you")
         row_a = driver.find_element(By.CSS_SELECTOR, f'tr[data-pair="{a["class_index"]}/{a["feature_index"]}"]')
         assert "done" in row_a.get_attribute("class") and "5 / 5" in row_a.text and "labelled" in row_a.text
+        Select(driver.find_element(By.ID, "filter-state")).select_by_value("mine")  # needs the id this browser keeps
+        driver.find_element(By.CSS_SELECTOR, "#filters button").click()
+        _wait_url(driver, base + "/?q=&state=mine&worker=bob")
+        shown = [r.get_attribute("data-pair") for r in driver.find_elements(By.CSS_SELECTOR, "tr[data-pair]")]
+        assert shown == [f"{t['class_index']}/{t['feature_index']}" for t in (a, b, c)], "the pairs bob labelled"
 
         driver.get(base + "/review")
         row = driver.find_element(By.CSS_SELECTOR, f'tr[data-pair="{a["class_index"]}/{a["feature_index"]}"]')

@@ -22,9 +22,20 @@
     }
   }
 
+  function shownPairs() {
+    const form = $("answer-form");
+    if (form) return [`${form.dataset.classIndex}/${form.dataset.featureIndex}`];
+    return Array.from(document.querySelectorAll("tr[data-pair]"), (row) => row.dataset.pair);
+  }
+
   async function progress() {
     const w = worker();
-    const response = await fetch("/api/progress" + (w ? "?worker_id=" + encodeURIComponent(w) : ""));
+    const query = new URLSearchParams();
+    if (w) {
+      query.set("worker_id", w);
+      query.set("pairs", shownPairs().join(","));
+    }
+    const response = await fetch("/api/progress" + (w ? "?" + query : ""));
     if (!response.ok) return null;
     const p = await response.json();
     $("progress").textContent = w
@@ -106,8 +117,21 @@
     }
   }
 
+  // The filter "answered by me" needs the worker id, which only this browser knows.
+  function fillFilters() {
+    const field = $("filter-worker");
+    if (!field) return;
+    const w = worker();
+    field.value = w;
+    field.disabled = !w;
+    const mine = $("filter-state").querySelector('option[value="mine"]');
+    mine.disabled = !w;
+    mine.title = w ? "" : "label a pair first: the app then knows your worker id";
+  }
+
   document.addEventListener("DOMContentLoaded", async () => {
     showWorker();
+    fillFilters();
     $("change-worker").addEventListener("click", () => {
       localStorage.removeItem(KEY);
       window.location.reload();
