@@ -17,7 +17,6 @@ three, from which ``generalize.candidates`` picks the images that get masks.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -131,15 +130,14 @@ def read_shard(uri: str) -> ShardData:
     )
 
 
-def _class_sums(feats: np.ndarray, groups: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    sums = np.zeros((num_classes, feats.shape[1]), np.float64)
-    counts = np.bincount(groups, minlength=num_classes).astype(np.int64)
-    if len(groups):
-        order = np.argsort(groups, kind="stable")
-        present = np.flatnonzero(counts)
-        starts = np.concatenate([[0], np.cumsum(counts[present])[:-1]])
-        sums[present] = np.add.reduceat(feats[order].astype(np.float64), starts, axis=0)
-    return sums, counts
+def _class_sums(feats: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(the classes present in ``groups``, their feature sums ``[m, D]`` float64, their counts)."""
+    classes, counts = np.unique(groups, return_counts=True)
+    if not len(classes):
+        return classes, np.zeros((0, feats.shape[1]), np.float64), counts.astype(np.int64)
+    order = np.argsort(groups, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    return classes, np.add.reduceat(feats[order].astype(np.float64), starts, axis=0), counts.astype(np.int64)
 
 
 # ---- pass 1: class sums and per-neuron top-k ---------------------------------------------------
@@ -147,22 +145,40 @@ def _class_sums(feats: np.ndarray, groups: np.ndarray, num_classes: int) -> tupl
 
 @dataclass
 class Partial:
-    """Mergeable summary of some shards: per-class sums and counts for both groupings, and the
-    top-k keys of every neuron."""
+    """Pass 1 of one shard: per grouping, the classes it has images of with their feature sums and
+    counts (only those: a shard holds a few classes, so its size does not grow with the classes),
+    and the top-k keys of every neuron."""
+
+    classes: list[np.ndarray]  # per grouping (index GROUPINGS): [m] class indices
+    sums: list[np.ndarray]  # per grouping: [m, D] float64
+    counts: list[np.ndarray]  # per grouping: [m] int64
+    neuron_keys: np.ndarray  # [k, D] int64
+    images: int
+
+
+@dataclass
+class Totals:
+    """Pass 1 over every shard: per-class sums and counts for both groupings, the top-k keys of
+    every neuron, the images."""
 
     sums: np.ndarray  # [2, C, D] float64, index GROUPINGS
     counts: np.ndarray  # [2, C] int64
     neuron_keys: np.ndarray  # [k, D] int64
-    images: int
+    images: int = 0
 
-    def merge(self, other: Partial) -> Partial:
-        k = self.neuron_keys.shape[0]
-        return Partial(
-            self.sums + other.sums,
-            self.counts + other.counts,
-            top_k(np.concatenate([self.neuron_keys, other.neuron_keys]), k),
-            self.images + other.images,
+    @classmethod
+    def empty(cls, num_classes: int, width: int, k_neuron: int) -> Totals:
+        return cls(
+            np.zeros((len(GROUPINGS), num_classes, width), np.float64), np.zeros((len(GROUPINGS), num_classes), np.int64),
+            np.full((k_neuron, width), _NONE),
         )
+
+    def add(self, part: Partial) -> None:
+        for g in range(len(GROUPINGS)):
+            self.sums[g, part.classes[g]] += part.sums[g]
+            self.counts[g, part.classes[g]] += part.counts[g]
+        self.neuron_keys = top_k(np.concatenate([self.neuron_keys, part.neuron_keys]), self.neuron_keys.shape[0])
+        self.images += part.images
 
 
 def shard_partial(uri: str, num_classes: int, k_neuron: int) -> Partial:
@@ -170,10 +186,9 @@ def shard_partial(uri: str, num_classes: int, k_neuron: int) -> Partial:
     data = read_shard(uri)
     if len(data.image_ids) and (max(data.labels.max(), data.preds.max()) >= num_classes or min(data.labels.min(), data.preds.min()) < 0):
         raise InputError(f"{uri}: labels or predictions outside the model's {num_classes} classes")
-    by = [_class_sums(data.features, data.groups(g), num_classes) for g in GROUPINGS]
+    by = [_class_sums(data.features, data.groups(g)) for g in GROUPINGS]
     return Partial(
-        np.stack([s for s, _ in by]),
-        np.stack([c for _, c in by]),
+        [c for c, _, _ in by], [s for _, s, _ in by], [n for _, _, n in by],
         top_k(sort_keys(data.features, data.image_ids[:, None]), k_neuron),
         len(data.image_ids),
     )
@@ -203,27 +218,35 @@ def select_pairs(fi: np.ndarray, counts: np.ndarray, features_per_class: int) ->
 # ---- pass 2: per-pair top-K within each candidate set -------------------------------------------
 
 
-def shard_pair_keys(uri: str, pairs: Sequence[tuple[int, int]], k: int) -> np.ndarray:
-    """Pass-2 partial of one shard: for every candidate set of :data:`CANDIDATES` and every pair
-    (c, j), the top-K keys by neuron j of the set's images of class c: ``[len(CANDIDATES), K, P]``."""
+def shard_pair_keys(uri: str, pairs: Sequence[tuple[int, int]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pass-2 partial of one shard, for the pairs whose class has images in it: (their positions
+    in ``pairs`` ``[p]``, and for every candidate set of :data:`CANDIDATES` the top-K keys by
+    neuron j of the set's images of class c ``[len(CANDIDATES), K, p]``)."""
     data = read_shard(uri)
-    out = np.full((len(CANDIDATES), k, len(pairs)), _NONE)
     by_class: dict[int, list[int]] = {}
     for p, (c, _) in enumerate(pairs):
         by_class.setdefault(c, []).append(p)
-    for s, rule in enumerate(CANDIDATES):
-        for c, ps in by_class.items():
-            rows = data.candidates(rule, c)
-            if not len(rows):
-                continue
-            feats = data.features[rows][:, [pairs[p][1] for p in ps]]
-            out[s][:, ps] = top_k(sort_keys(feats, data.image_ids[rows][:, None]), k)
-    return out
+    shown = set(np.unique(data.labels).tolist()) | set(np.unique(data.preds).tolist())
+    rows = {(s, c): data.candidates(rule, c) for s, rule in enumerate(CANDIDATES) for c in by_class if c in shown}
+    present = sorted(p for c, ps in by_class.items() if any(len(rows.get((s, c), ())) for s in range(len(CANDIDATES))) for p in ps)
+    column = {p: i for i, p in enumerate(present)}
+    out = np.full((len(CANDIDATES), k, len(present)), _NONE)
+    for (s, c), found in rows.items():
+        if not len(found):
+            continue
+        ps = by_class[c]
+        feats = data.features[found][:, [pairs[p][1] for p in ps]]
+        out[s][:, [column[p] for p in ps]] = top_k(sort_keys(feats, data.image_ids[found][:, None]), k)
+    return np.asarray(present, np.int64), out
 
 
-def _merge_keys(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Merge two pass-2 partials ``[S, K, P]``."""
-    return np.stack([top_k(np.concatenate([x, y]), a.shape[1]) for x, y in zip(a, b)])
+def _add_keys(total: np.ndarray, part: tuple[np.ndarray, np.ndarray]) -> None:
+    """Merge a pass-2 partial into the keys of every pair ``total`` ``[S, K, P]``, in place."""
+    present, keys = part
+    if not len(present):
+        return
+    for s in range(total.shape[0]):
+        total[s][:, present] = top_k(np.concatenate([total[s][:, present], keys[s]]), total.shape[1])
 
 
 # ---- tables ------------------------------------------------------------------------------------
@@ -288,18 +311,17 @@ def run(inputs: AggregateInputs, cfg: AggregateConfig, map_fn: MapFn = local_map
         )
     if not inputs.shard_uris:
         raise InputError("no activation shards to aggregate; run the activation stage first")
-    merged = functools.reduce(
-        Partial.merge, map_fn(shard_partial, [(u, num_classes, cfg.top_k_neuron) for u in inputs.shard_uris])
-    )
+    merged = Totals.empty(num_classes, width, cfg.top_k_neuron)
+    for part in map_fn(shard_partial, [(u, num_classes, cfg.top_k_neuron) for u in inputs.shard_uris]):
+        merged.add(part)
     g = GROUPINGS.index(cfg.grouping)
     mean, fi = importance(merged.sums[g], merged.counts[g], inputs.fc_weight)
     pairs = select_pairs(fi, merged.counts[g], cfg.features_per_class)
-    pair_keys = np.full((len(CANDIDATES), cfg.top_k_class, 0), _NONE)
+    pair_keys = np.full((len(CANDIDATES), cfg.top_k_class, len(pairs)), _NONE)
     if pairs:
         cj = [(c, j) for c, j, _ in pairs]
-        pair_keys = functools.reduce(
-            _merge_keys, map_fn(shard_pair_keys, [(u, cj, cfg.top_k_class) for u in inputs.shard_uris])
-        )
+        for part in map_fn(shard_pair_keys, [(u, cj, cfg.top_k_class) for u in inputs.shard_uris]):
+            _add_keys(pair_keys, part)
 
     from salient import plan as planmod
 

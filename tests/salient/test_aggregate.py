@@ -237,3 +237,23 @@ def test_float16_and_float32_keys_order_exactly_and_decode_back():
     padded = aggregate.top_k(aggregate.sort_keys(acts32[:3], ids[:3])[:, None], 5)[:, 0]
     back, back_ids = aggregate.decode_keys(padded)
     assert back_ids.tolist()[3:] == [-1, -1] and np.isnan(back[3:]).all() and (back_ids[:3] >= 0).all()
+
+
+def test_a_shards_partials_hold_only_its_own_classes_and_pairs(tmp_path):
+    """What a shard sends back grows with the shard, not with the classes or pairs of the dataset
+    (1,000 shards x 1,000 classes x 2,048 features would be 32 GB of class sums otherwise)."""
+    rng = np.random.default_rng(3)
+    n = sum(SHARD_SIZES)  # the first shard is rows 0-9
+    feats = rng.random((n, D)).astype(np.float32)
+    labels = np.array([1] * 6 + [2] * 4 + [0] * (n - 10))
+    preds = np.array([1] * 5 + [3] * 5 + [0] * (n - 10))
+    _, uris, _ = _write(tmp_path, feats, labels, preds)
+    part = aggregate.shard_partial(uris[0], 1000, 4)
+    g_label, g_pred = aggregate.GROUPINGS.index("label"), aggregate.GROUPINGS.index("prediction")
+    first = np.arange(10)
+    assert part.classes[g_label].tolist() == [1, 2] and part.counts[g_label].tolist() == [6, 4]
+    assert part.classes[g_pred].tolist() == [1, 3] and part.counts[g_pred].tolist() == [5, 5]
+    assert np.allclose(part.sums[g_label], [feats[first][labels[first] == c].astype(np.float64).sum(0) for c in (1, 2)])
+    pairs = [(c, j) for c in range(1000) for j in (0, 5)]  # 2,000 pairs, of which those of classes 1, 2 and 3 have images here
+    present, keys = aggregate.shard_pair_keys(uris[0], pairs, 3)
+    assert sorted({pairs[p][0] for p in present}) == [1, 2, 3] and keys.shape == (len(aggregate.CANDIDATES), 3, 6)
