@@ -22,7 +22,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -279,8 +279,14 @@ def _cache_entries_on_disk(root: str) -> list[str]:
 
 def read_entry(root: str, stage: str, key: str) -> dict | None:
     """The commit marker of cache entry ``<stage>/<key>``, or None when it is not committed."""
-    uri = cache(root, stage, f"{key}.json")
-    return storage.read_json(uri) if storage.exists(uri) else None
+    return read_entries(root, stage, [key])[0]
+
+
+def read_entries(root: str, stage: str, keys: Sequence[str]) -> list[dict | None]:
+    """The commit markers of cache entries ``<stage>/<key>`` for each of ``keys`` (read
+    concurrently), None for one that is not committed."""
+    found = storage.read_json_many([cache(root, stage, f"{key}.json") for key in keys])
+    return [entry if isinstance(entry, dict) else None for entry in found]
 
 
 def commit_entry(root: str, stage: str, key: str, meta: dict) -> None:

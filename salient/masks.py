@@ -235,8 +235,7 @@ def cached_nams(cache_root: str, rows: pa.Table, keys: dict[tuple[int, int], str
 def cache_pair_nams(cache_root: str, build: str, rows: pa.Table, keys: dict[tuple[int, int], str], n_blocks: int) -> list[str]:
     """Keep the NAMs of every pair in ``rows`` not cached yet, from the build's committed blocks;
     returns the cache entries of all the pairs."""
-    with ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="nam-cache") as pool:
-        entries = list(pool.map(lambda key: builds.read_entry(cache_root, NAMS_STAGE, key), keys.values()))
+    entries = builds.read_entries(cache_root, NAMS_STAGE, list(keys.values()))
     missing = {pair for pair, entry in zip(keys, entries) if entry is None}
     if missing:
         lows = read_block_nams(build, n_blocks)

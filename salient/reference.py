@@ -33,6 +33,7 @@ NAMES_MAP = "image_names_map.csv"
 LEFT_OUT = "left_out.csv"
 EXTENSION = ".JPEG"
 JPEG_QUALITY = 95
+WRITE_THREADS = 16
 
 OTHER_CLASS = "filed under another class folder"
 NOT_LOADABLE = f"not <wnid>/<name>{EXTENSION}, the only path the loader opens"
@@ -83,21 +84,22 @@ def export_reference(root: str, dest: str) -> dict:
             left_out.append([r["wnid"], str(r["feature_index"]), r["relpath"], why])
             continue
         by_class.setdefault(r["wnid"], {}).setdefault(r["feature_index"], []).append((r["rank"], name, i))
-    written = 0
+    target: dict[int, str] = {}  # mask row -> where its JPEG goes
+    maps: dict[str, dict[int, list[str]]] = {}
     for wnid, features in by_class.items():
         storage.safe_relpath(wnid)
-        names: dict[int, list[str]] = {}
+        names = maps[wnid] = {}
         for j, items in sorted(features.items()):
             names[j] = []
             for _, name, i in sorted(items):
-                buf = io.BytesIO()
-                Image.fromarray(m.mask(i)).save(buf, format="JPEG", quality=JPEG_QUALITY)
-                storage.write_bytes_atomic(storage.join(dest, mask_path(wnid, j, name)), buf.getvalue())
+                target[i] = storage.join(dest, mask_path(wnid, j, name))
                 names[j].append(name)
-                written += 1
+    _write_masks(m, target)
+    for wnid, names in maps.items():
         depth = max(len(v) for v in names.values())
         rows = [[str(j) for j in names]] + [[v[k] if k < len(v) else "" for v in names.values()] for k in range(depth)]
         storage.write_bytes_atomic(storage.join(dest, wnid, NAMES_MAP), _csv(rows))
+    written = len(target)
     literal = "{\n" + "".join(f"    {c}: {wnids[c]!r},\n" for c in sorted(wnids)) + "}\n"
     storage.write_bytes_atomic(storage.join(dest, WORDNET_DICT), literal.encode())
     if left_out:
@@ -108,6 +110,29 @@ def export_reference(root: str, dest: str) -> dict:
         "classes": len(by_class), "masks": written, "left_out": len(left_out),
         "left_out_reasons": dict(Counter(r[3] for r in left_out)), "dest": dest,
     }
+
+
+def _write_masks(m: SalientMasks, target: dict[int, str]) -> None:
+    """Write mask row ``i`` as a JPEG at ``target[i]`` for every row of ``target``: the array read
+    a shard object at a time, the pictures encoded and written on a pool of threads."""
+
+    def write(uri: str, mask: np.ndarray) -> None:
+        buf = io.BytesIO()
+        Image.fromarray(mask).save(buf, format="JPEG", quality=JPEG_QUALITY)
+        storage.write_bytes_atomic(uri, buf.getvalue())
+
+    rows = sorted(target)
+    with ThreadPoolExecutor(max_workers=WRITE_THREADS, thread_name_prefix="export") as pool:
+        k = 0
+        while k < len(rows):
+            lo = rows[k] - rows[k] % m.shard_rows
+            hi = min(lo + m.shard_rows, len(m))
+            block = m.rows(lo, hi)
+            wanted = []
+            while k < len(rows) and rows[k] < hi:
+                wanted.append(rows[k])
+                k += 1
+            list(pool.map(lambda i: write(target[i], block[i - lo]), wanted))
 
 
 def loader_alignment(masks: np.ndarray, resize: int, crop: int) -> np.ndarray:

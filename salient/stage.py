@@ -19,9 +19,12 @@ Nothing here imports Prefect or Ray: an :class:`Executor` is handed in (the Ray 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -33,6 +36,11 @@ from salient.config import Config, identity
 from salient.preflight import Preflight
 
 log = logging.getLogger("salient.stage")
+
+# Cached items put in a build at once (their files are copied, or linked on one local disk).
+RESTORE_THREADS = 16
+# Seconds between two progress lines of a stage in the log (the terminal's bar is live).
+PROGRESS_INTERVAL_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -181,6 +189,8 @@ class Stage:
     needs_discovery: ClassVar[bool] = False  # needs a ResNet-like model (last conv stage, final linear layer)
     uses_gpus: ClassVar[bool] = False
     retries: ClassVar[int] = 1  # orchestrator retries of the whole stage
+    # What an item's ``size`` counts, for progress; None: the stage's compute shows its own.
+    unit: ClassVar[str | None] = "items"
     max_attempts: ClassVar[int] = 3  # attempts per item
 
     def applies(self, config: Config) -> bool:
@@ -237,8 +247,8 @@ class Stage:
         return entry["result"]
 
     def on_result(self, run: Run, item: Item, result: dict) -> None:
-        """Report a finished item."""
-        run.log.info("%s: %s done", self.name, item.label or item.key[:12])
+        """Report a finished item (at debug level: the log shows the stage's progress, not its items)."""
+        run.log.debug("%s: %s done", self.name, item.label or item.key[:12])
 
     def commit(self, run: Run, results: list[tuple[Item, dict, str]]) -> dict:
         """Write the stage's tables from every item's ``(item, result, origin)``, origin being
@@ -261,12 +271,16 @@ def fail(stage: Stage, failed: Sequence[tuple[Item, str]]) -> None:
 
 def committed_result(run: Run, item: Item) -> dict | None:
     """The result in ``item``'s marker when it names the item's fingerprint, else None."""
-    uri = storage.join(run.build, item.marker)
-    try:
-        result = storage.read_json(uri)
-    except (FileNotFoundError, ValueError):
-        return None
-    return result if isinstance(result, dict) and result.get("fingerprint") == item.commit_fingerprint else None
+    return committed_results(run, [item])[0]
+
+
+def committed_results(run: Run, items: Sequence[Item]) -> list[dict | None]:
+    """:func:`committed_result` of each of ``items``, their markers read concurrently."""
+    found = storage.read_json_many([storage.join(run.build, item.marker) for item in items])
+    return [
+        result if isinstance(result, dict) and result.get("fingerprint") == item.commit_fingerprint else None
+        for item, result in zip(items, found)
+    ]
 
 
 def keep(run: Run, stage: Stage, item: Item, result: dict) -> str:
@@ -279,17 +293,18 @@ def execute(stage: Stage, run: Run) -> dict:
     """Run ``stage`` in ``run``, taking what was made before from the build or the cache."""
     items = stage.plan(run)
     results: dict[str, tuple[Item, dict, str]] = {}
-    todo: list[Item] = []
-    for item in items:
-        result = committed_result(run, item)
+    missing: list[Item] = []
+    for item, result in zip(items, committed_results(run, items)):
         if result is not None:
             results[item.marker] = (item, result, "build")
-            continue
-        entry = builds.read_entry(run.root, stage.name, item.key)
-        if entry is not None and "result" in entry:
-            results[item.marker] = (item, stage.restore(run, item, entry), "cache")
-            continue
-        todo.append(item)
+        else:
+            missing.append(item)
+    entries = builds.read_entries(run.root, stage.name, [item.key for item in missing])
+    cached = [(item, entry) for item, entry in zip(missing, entries) if entry is not None and "result" in entry]
+    todo = [item for item, entry in zip(missing, entries) if entry is None or "result" not in entry]
+    with ThreadPoolExecutor(max_workers=RESTORE_THREADS, thread_name_prefix="restore") as pool:
+        for item, result in zip((i for i, _ in cached), pool.map(lambda ie: stage.restore(run, *ie), cached)):
+            results[item.marker] = (item, result, "cache")
     if items:
         run.log.info(
             "%s: %d items, %d done in this build, %d from the cache, %d to make",
@@ -297,7 +312,8 @@ def execute(stage: Stage, run: Run) -> dict:
             sum(o == "cache" for _, _, o in results.values()), len(todo),
         )
     if todo:
-        with _progress(stage.name, sum(i.size for i in todo)) as advance:
+        progress = Progress(run.log, stage.name, sum(i.size for i in todo), stage.unit) if stage.unit else contextlib.nullcontext(lambda n: None)
+        with progress as advance:
 
             def done(item: Item, result: dict) -> None:
                 keep(run, stage, item, result)
@@ -310,24 +326,66 @@ def execute(stage: Stage, run: Run) -> dict:
     return stage.commit(run, [results[item.marker] for item in items])
 
 
-class _progress:
-    """A progress bar on a terminal (nothing elsewhere): ``with _progress(name, total) as advance``."""
+class Progress:
+    """Progress of a stage's work, shown as progress: a bar on a terminal, and in the log one line
+    every ``interval_s`` with the count, the rate and the time left, and one when the work is done
+    (never a line per item). ``with Progress(log, name, total, unit) as advance: advance(n)``."""
 
-    def __init__(self, name: str, total: int) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    def __init__(
+        self, log: logging.Logger | logging.LoggerAdapter, name: str, total: int, unit: str = "items",
+        interval_s: float | None = None, clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
 
-        self.bar = Progress(
+        self.log, self.name, self.total, self.unit = log, name, total, unit
+        self.interval_s = PROGRESS_INTERVAL_S if interval_s is None else interval_s
+        self.clock = clock
+        self.bar = Bar(
             TextColumn(name), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
             disable=not sys.stderr.isatty() or bool(os.environ.get("CI")), transient=True,
         )
         self.task = self.bar.add_task(name, total=total)
+        self.done = 0
+        self.lock = threading.Lock()
 
     def __enter__(self) -> Callable[[int], None]:
         self.bar.__enter__()
-        return lambda n: self.bar.advance(self.task, n)
+        self.started = self.last = self.clock()
+        return self.advance
 
-    def __exit__(self, *exc: object) -> None:
-        self.bar.__exit__(*exc)
+    def advance(self, n: int = 1) -> None:
+        """Count ``n`` more units done; log a line when the interval has passed."""
+        with self.lock:
+            self.done += n
+            self.bar.advance(self.task, n)
+            now = self.clock()
+            if now - self.last < self.interval_s or self.done >= self.total:
+                return
+            self.last = now
+        rate = self.done / max(now - self.started, 1e-9)
+        self.log.info(
+            "%s: %s of %s %s (%.0f%%), %s %s/s, about %s left", self.name, f"{self.done:,}", f"{self.total:,}", self.unit,
+            100 * self.done / max(self.total, 1), f"{rate:,.1f}", self.unit, duration((self.total - self.done) / rate if rate else 0),
+        )
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.bar.__exit__(exc_type, *exc)
+        if exc_type is None:
+            seconds = self.clock() - self.started
+            self.log.info(
+                "%s: %s %s done in %s (%s %s/s)", self.name, f"{self.done:,}", self.unit, duration(seconds),
+                f"{self.done / max(seconds, 1e-9):,.1f}", self.unit,
+            )
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` for people: ``42 s``, ``3 min 05 s``, ``2 h 04 min``."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
 def local_run(config: Config, stages: Sequence[Stage] = (), current: bool = True) -> Run:

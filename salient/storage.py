@@ -21,7 +21,7 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import fsspec
@@ -341,6 +341,21 @@ def write_json(uri: str, obj: Any) -> None:
 
 def read_json(uri: str) -> Any:
     return json.loads(read_bytes(uri))
+
+
+def read_json_many(uris: Sequence[str]) -> list[Any]:
+    """The JSON value of each object of ``uris`` (all on one store), read concurrently on an
+    object store; None for one that is missing or is not JSON."""
+    if not uris:
+        return []
+    fs, _ = url_to_fs(uris[0])
+    out = []
+    for data in cat_many(fs, [url_to_fs(u)[1] for u in uris]):
+        try:
+            out.append(None if isinstance(data, BaseException) else json.loads(data))
+        except ValueError:
+            out.append(None)
+    return out
 
 
 def check_writable(uri: str) -> None:

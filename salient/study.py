@@ -28,6 +28,7 @@ import io
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
 import numpy as np
@@ -41,6 +42,7 @@ from salient.errors import InputError
 from salient.metadata import ClassInfo
 
 CODE_VERSION = "study-1"
+EXPORT_THREADS = 8  # classes exported at once (reads and writes overlap the drawing)
 STRIPS = ("a_images", "a_heatmaps", "b_images", "b_heatmaps")
 TASK_COLUMNS = (
     "class_index", "wnid", "class_name", "definition", "supercategory", "feature_index", "feature_rank", "label",
@@ -175,46 +177,54 @@ def export_study(
     prefix = (base_url.rstrip("/") + "/") if base_url else ""
     source = storage.normalize_uri(root)
 
-    tasks: list[list[Any]] = []
-    skipped = made = 0
-    cache: dict[str, np.ndarray] = {}
-    cached_class = None
+    def export_class(pairs: list[np.ndarray]) -> list[tuple[list[Any], bool]]:
+        cache: dict[str, np.ndarray] = {}  # a class's pairs share many images
+        out = []
+        for positions in pairs:
+            a, b = sides(len(positions), images_per_side)
+            chosen = table.take(np.concatenate([positions[:a], positions[len(positions) - b:]]))
+            rows = chosen.drop_columns(["nam"]).to_pylist()
+            maps = chosen.column("nam").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            maps = maps.astype(np.float32).reshape(len(rows), h, w)
+            first = rows[0]
+            c, j, wnid = first["class_index"], first["feature_index"], first["wnid"]
+            folder = study_dir(build, wnid, j)
+            files = {s: f"{wnid}/feature_{j}/{s}.png" for s in STRIPS}
+            fp = storage.fingerprint(
+                CODE_VERSION, source, resize, crop, [(r["rank"], r["image_id"], r["relpath"]) for r in rows], a,
+                hashlib.sha256(maps.tobytes()).hexdigest(),
+            )
+            record_uri = storage.join(folder, tables.ASSETS)
+            fresh = not (storage.exists(record_uri) and storage.read_json(record_uri).get("fingerprint") == fp)
+            if fresh:
+                strips = dict(zip(STRIPS, (
+                    *_side_tiles(rows[:a], maps[:a], source, resize, crop, cache),
+                    *_side_tiles(rows[a:], maps[a:], source, resize, crop, cache),
+                )))
+                for name, tiles in strips.items():
+                    storage.write_bytes_atomic(storage.join(folder, f"{name}.png"), png_strip(tiles))
+                storage.write_json(record_uri, {"fingerprint": fp, "files": files})
+            info = by_wnid.get(wnid)
+            out.append(([
+                c, wnid, info.name if info else "", info.definition if info else "", info.supercategory if info else "",
+                j, first["feature_rank"], first["label"], *(prefix + files[s] for s in STRIPS),
+                ";".join(str(r["rank"]) for r in rows[:a]), ";".join(str(r["rank"]) for r in rows[a:]),
+                ";".join(str(r["image_id"]) for r in rows[:a]), ";".join(str(r["image_id"]) for r in rows[a:]),
+            ], fresh))
+        return out
+
+    by_class: dict[int, list[np.ndarray]] = {}
+    skipped = 0
+    classes = table.column("class_index").to_numpy()
     for positions in _pairs(table):
         if len(positions) < 2:
             skipped += 1
-            continue
-        a, b = sides(len(positions), images_per_side)
-        chosen = table.take(np.concatenate([positions[:a], positions[len(positions) - b:]]))
-        rows = chosen.drop_columns(["nam"]).to_pylist()
-        maps = chosen.column("nam").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        maps = maps.astype(np.float32).reshape(len(rows), h, w)
-        first = rows[0]
-        c, j, wnid = first["class_index"], first["feature_index"], first["wnid"]
-        if cached_class != c:  # pairs come class by class; a class's pairs share many images
-            cache, cached_class = {}, c
-        folder = study_dir(build, wnid, j)
-        files = {s: f"{wnid}/feature_{j}/{s}.png" for s in STRIPS}
-        fp = storage.fingerprint(
-            CODE_VERSION, source, resize, crop, [(r["rank"], r["image_id"], r["relpath"]) for r in rows], a,
-            hashlib.sha256(maps.tobytes()).hexdigest(),
-        )
-        record_uri = storage.join(folder, tables.ASSETS)
-        if not (storage.exists(record_uri) and storage.read_json(record_uri).get("fingerprint") == fp):
-            strips = dict(zip(STRIPS, (
-                *_side_tiles(rows[:a], maps[:a], source, resize, crop, cache),
-                *_side_tiles(rows[a:], maps[a:], source, resize, crop, cache),
-            )))
-            for name, tiles in strips.items():
-                storage.write_bytes_atomic(storage.join(folder, f"{name}.png"), png_strip(tiles))
-            storage.write_json(record_uri, {"fingerprint": fp, "files": files})
-            made += 1
-        info = by_wnid.get(wnid)
-        tasks.append([
-            c, wnid, info.name if info else "", info.definition if info else "", info.supercategory if info else "",
-            j, first["feature_rank"], first["label"], *(prefix + files[s] for s in STRIPS),
-            ";".join(str(r["rank"]) for r in rows[:a]), ";".join(str(r["rank"]) for r in rows[a:]),
-            ";".join(str(r["image_id"]) for r in rows[:a]), ";".join(str(r["image_id"]) for r in rows[a:]),
-        ])
+        else:
+            by_class.setdefault(int(classes[positions[0]]), []).append(positions)
+    with ThreadPoolExecutor(max_workers=EXPORT_THREADS, thread_name_prefix="study") as pool:
+        done = [pair for pairs in pool.map(export_class, by_class.values()) for pair in pairs]
+    tasks = [task for task, _ in done]
+    made = sum(fresh for _, fresh in done)
 
     tasks.sort(key=lambda t: (t[0], t[6], t[5]))
     buf = io.StringIO()

@@ -9,7 +9,7 @@ from salient import activations, builds, storage, tables
 from salient import plan as planmod
 from salient.config import ActivationsConfig, ComputeConfig, ModelConfig, PreprocessConfig
 from salient.errors import InputError
-from salient.stage import Builder, Item, Run, Stage, committed_result
+from salient.stage import Builder, Item, Run, Stage, committed_results
 
 
 def _runner(
@@ -26,6 +26,7 @@ class Activations(Stage):
     sections = ("model", "preprocess", "compute", "activations")
     needs_discovery = True
     uses_gpus = True
+    unit = "images"
 
     def shards(self, run: Run) -> list[Item]:
         """One item per shard of the build's plan (``plan.parquet``, written by :meth:`plan`)."""
@@ -63,7 +64,7 @@ class Activations(Stage):
         return activations.restore(item.payload, builds.cache(run.root, self.name, item.key, table), entry["result"])
 
     def on_result(self, run: Run, item: Item, result: dict) -> None:
-        run.log.info(
+        run.log.debug(
             "shard %05d: %d images, %d failed, %.1f images/s (read %.1fs, decode %.1fs, infer %.1fs, write %.1fs)",
             result["shard"], result["images"], result["failed"], result["images_per_second"] or 0.0,
             *(result["seconds"][k] for k in ("read", "decode", "infer", "write")),
@@ -81,7 +82,7 @@ class Activations(Stage):
         that read them; ``InputError`` naming the shards that are missing or were computed from
         other inputs."""
         items = self.shards(run)
-        missing = [storage.basename(i.marker).removesuffix(".json") for i in items if committed_result(run, i) is None]
+        missing = [storage.basename(i.marker).removesuffix(".json") for i, r in zip(items, committed_results(run, items)) if r is None]
         if missing:
             raise InputError(
                 f"{len(missing)} activation shards are missing or were computed from other inputs "

@@ -27,6 +27,7 @@ class Discover(Stage):
     sections = ("model", "preprocess", "compute", "discover")
     needs_discovery = True
     uses_gpus = True
+    unit = "pairs"
 
     def plan(self, run: Run) -> list[Item]:
         items = []

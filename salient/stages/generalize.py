@@ -27,6 +27,7 @@ class Generalize(Stage):
     sections = ("model", "preprocess", "compute", "generalize")
     needs_discovery = True
     uses_gpus = True
+    unit = "masks"
 
     def _rows(self, run: Run) -> tuple[pa.Table, str, dict[tuple[int, int], str]]:
         """The mask rows, the stage's key, and each pair's NAM cache key."""
@@ -52,7 +53,7 @@ class Generalize(Stage):
         return functools.partial(_runner, cfg.model, cfg.preprocess, cfg.compute)
 
     def on_result(self, run: Run, item: Item, result: dict) -> None:
-        run.log.info(
+        run.log.debug(
             "block %05d: %d masks, %d of them from %d images through the model",
             result["block"], result["masks"], result["inferred_masks"], result["images"],
         )
