@@ -4,6 +4,7 @@ images with their core and spurious masks. Everything is read through fsspec."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -112,6 +113,43 @@ class SalientMasks:
             return np.concatenate(decoded)[lo - first * shard[0] : hi - first * shard[0]]
         local = zarr.open_array(store=zarr.storage.MemoryStore(objects, read_only=True), mode="r", zarr_format=3)
         return np.asarray(local[lo:hi])
+
+    def take(self, rows: Sequence[int]) -> np.ndarray:
+        """Masks ``rows``, in that order, at the stored size: uint8 ``[len(rows), H, W]``. Only their
+        chunks are read: per shard object its index, then each chunk, as byte ranges (concurrent on
+        an object store), so a few masks cost a few small requests however large their shards."""
+        codec = masks.shard_codec(self.array)
+        if codec is None:  # an array of another layout: through zarr, a mask at a time
+            return np.stack([self.mask(i) for i in rows]) if rows else np.zeros((0, *self.array.shape[1:]), np.uint8)
+        (h, w), per = self.array.shape[1:], self.shard_rows
+        out = np.full((len(rows), h, w), self.array.fill_value, np.uint8)
+        fs, _ = storage.url_to_fs(self.build)
+        shards = sorted({r // per for r in rows})
+        keys = {s: self.array.metadata.encode_chunk_key((s, 0, 0)) for s in shards}
+        paths = {s: storage.url_to_fs(storage.join(self.build, tables.MASKS.path, keys[s]))[1] for s in shards}
+        size = masks.shard_index_size(self.array)
+
+        def tails() -> list[bytes | BaseException]:
+            got = fs.cat_ranges([paths[s] for s in shards], [-size] * len(shards), [None] * len(shards), on_error="return")
+            failed = [t for t in got if isinstance(t, BaseException) and not isinstance(t, FileNotFoundError)]
+            if failed:
+                raise failed[0]
+            return got
+
+        index = {  # a shard object never written holds only the fill value
+            s: masks.shard_index(self.array, tail, keys[s])
+            for s, tail in zip(shards, storage.retrying(tails, f"read the indexes of {len(shards)} mask shards of {self.build}"))
+            if not isinstance(tail, FileNotFoundError)
+        }
+        wanted = [(k, r // per, *index[r // per][r % per]) for k, r in enumerate(rows) if r // per in index]
+        wanted = [(k, s, int(offset), int(length)) for k, s, offset, length in wanted if offset != masks.EMPTY_CHUNK]
+        chunks = storage.retrying(
+            lambda: fs.cat_ranges([paths[s] for _, s, _, _ in wanted], [o for _, _, o, _ in wanted], [o + n for _, _, o, n in wanted], on_error="raise"),
+            f"read {len(wanted)} masks of {self.build}",
+        )
+        for (k, _, _, _), chunk in zip(wanted, chunks):
+            out[k] = np.frombuffer(codec.decode(chunk), np.uint8).reshape(h, w)
+        return out
 
     def nam(self, i: int) -> np.ndarray:
         """The normalised low-resolution map of mask ``i``: float32 ``[nam_h, nam_w]``."""

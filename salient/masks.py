@@ -93,7 +93,7 @@ IO_THREADS = 16
 # per chunk, uint64 little-endian) at the end with its crc32c. Shards of this layout are encoded
 # here, each chunk in the worker's thread pool, and written as one object: zarr's own writer spends
 # more on its per-chunk machinery than on compressing.
-_EMPTY = 2**64 - 1
+EMPTY_CHUNK = 2**64 - 1
 # generalize.compression -> the Zarr codec of each mask. Both are codecs every Zarr v3 reader has.
 COMPRESSORS = {
     "zstd": lambda: ZstdCodec(level=1),
@@ -141,7 +141,7 @@ def write_shard(build: str, arr: zarr.Array, start: int, masks: np.ndarray, pool
         storage.remove(uri)
         return
     frames = list(pool.map(lambda m: codec.encode(np.ascontiguousarray(m)), masks))
-    offsets = np.full((rows, 2), _EMPTY, dtype="<u8")
+    offsets = np.full((rows, 2), EMPTY_CHUNK, dtype="<u8")
     sizes = np.array([len(f) for f in frames], dtype=np.uint64)
     offsets[: len(frames), 0] = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.uint64)
     offsets[: len(frames), 1] = sizes
@@ -159,15 +159,27 @@ def read_shard(arr: zarr.Array, data: bytes | None, what: str) -> np.ndarray:
     rows, (h, w) = arr.shards[0], arr.shape[1:]
     if data is None:
         return np.full((rows, h, w), arr.fill_value, np.uint8)
-    size = rows * 16
-    index_bytes, crc = data[-size - 4 : -4], data[-4:]
-    if len(data) < size + 4 or np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes() != crc:
-        raise InputError(f"mask shard {what} is damaged (its index does not match its checksum); run `salient generalize CONFIG` again")
     out = np.full((rows, h, w), arr.fill_value, np.uint8)
-    for i, (offset, length) in enumerate(np.frombuffer(index_bytes, "<u8").reshape(rows, 2)):
-        if offset != _EMPTY:
+    for i, (offset, length) in enumerate(shard_index(arr, data, what)):
+        if offset != EMPTY_CHUNK:
             out[i] = np.frombuffer(codec.decode(data[offset : offset + length]), np.uint8).reshape(h, w)
     return out
+
+
+def shard_index_size(arr: zarr.Array) -> int:
+    """The bytes at the end of a shard object of ``arr`` that hold its index and the index's crc32c."""
+    return arr.shards[0] * 16 + 4
+
+
+def shard_index(arr: zarr.Array, tail: bytes, what: str) -> np.ndarray:
+    """(offset, length) of every chunk of a shard object of ``arr`` (of the layout :func:`shard_codec`
+    knows; offset :data:`EMPTY_CHUNK`: no chunk) from the object's last bytes ``tail`` (at least
+    :func:`shard_index_size`). ``what`` names the object in errors."""
+    size = shard_index_size(arr)
+    index_bytes, crc = tail[-size : -4], tail[-4:]
+    if len(tail) < size or np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes() != crc:
+        raise InputError(f"mask shard {what} is damaged (its index does not match its checksum); run `salient generalize CONFIG` again")
+    return np.frombuffer(index_bytes, "<u8").reshape(arr.shards[0], 2)
 
 
 def quantize(masks: torch.Tensor) -> torch.Tensor:

@@ -207,13 +207,30 @@ def mask_shard_object(index: int) -> str:
 
 
 def evaluation_chart(model: str) -> str:
-    """``evaluation/<model>.png``: one model's accuracies per sigma and per-pair drops."""
+    """``evaluation/<model>.png``: one model's accuracies per sigma, per-pair drops and per-class
+    core against spurious accuracy."""
     return f"{EVALUATION_DIR}/{safe_relpath(model)}.png"
 
 
-def report_file(rel: str) -> str:
-    """``report/<rel>``: a picture the report shows."""
-    return f"{REPORT_DIR}/{rel}"
+def report_class_page(class_index: int) -> str:
+    """``report/classes/NNNNN.html``: the report's page of one class, named by its index (wnids
+    are not safe file names)."""
+    return f"{REPORT_DIR}/classes/{class_index:05d}.html"
+
+
+def report_class_marker(class_index: int) -> str:
+    """``report/classes/NNNNN.json``: the commit marker of :func:`report_class_page`."""
+    return report_class_page(class_index).removesuffix(".html") + ".json"
+
+
+def report_masks(class_index: int, feature: int) -> str:
+    """``report/masks/NNNNN/feature_<j>.png``: the strip of one pair's masks that the report shows."""
+    return f"{REPORT_DIR}/masks/{class_index:05d}/feature_{feature}.png"
+
+
+def report_masks_marker(class_index: int) -> str:
+    """``report/masks/NNNNN.json``: the commit marker of a class's mask strips."""
+    return f"{REPORT_DIR}/masks/{class_index:05d}.json"
 
 
 def stage_marker(stage: str) -> str:

@@ -17,7 +17,7 @@ from salient import evaluate, plots, preflight, storage, tables
 from salient.config import ComputeConfig, Config, EvalModelConfig, PreprocessConfig
 from salient.dataset import SalientMasks
 from salient.errors import InputError
-from salient.stage import Item, Run, Stage, fail
+from salient.stage import Item, Progress, Run, Stage, fail
 
 
 def _runner(
@@ -41,6 +41,7 @@ class Evaluate(Stage):
     requires = ("dataset", "output")
     sections = ("preprocess", "compute", "evaluate")
     uses_gpus = True
+    unit = None  # its items finish together; compute shows the images' progress
 
     def applies(self, config: Config) -> bool:
         return bool(config.evaluate.models)
@@ -86,10 +87,11 @@ class Evaluate(Stage):
         )
         results: list[evaluate.BlockResult] = []
         if blocks:
-            pooled = run.executor.pool(
-                functools.partial(_runner, list(models.values()), run.build, cfg.dataset.root, cfg.preprocess, cfg.compute, e.trials, e.seed, e.mask_alignment),
-                blocks, uses_gpus=True, max_attempts=self.max_attempts,
-            )
+            with Progress(run.log, self.name, len(work), "images") as advance:
+                pooled = run.executor.pool(
+                    functools.partial(_runner, list(models.values()), run.build, cfg.dataset.root, cfg.preprocess, cfg.compute, e.trials, e.seed, e.mask_alignment),
+                    blocks, uses_gpus=True, max_attempts=self.max_attempts, on_result=lambda block, _: advance(len(block.images)),
+                )
             fail(self, [(item, pooled.failed[0][1]) for item in todo] if pooled.failed else [])
             results = pooled.results
             feed = {k: sum(r.feed[k] for r in results) for k in ("images", "read_s", "decode_s", "wait_s")}
@@ -119,12 +121,16 @@ class Evaluate(Stage):
         fp = self.key(run, index_fp)
         for written, table in ((tables.EVAL_PAIRS, pairs), (tables.EVAL_CLASSES, classes), (tables.EVAL_SUMMARY, summary)):
             storage.write_parquet(storage.join(run.build, written.path), table, fp)
+        sigma = max(e.sigmas)  # the per-pair and per-class panels show the largest noise, as the report's class table does
+        summary_rows = summary.to_pylist()
+        pair_rows, class_rows = ([r for r in table.to_pylist() if r["sigma"] == sigma] for table in (pairs, classes))
         for entry in e.models:
             chart = plots.accuracy_chart(
                 entry.name,
-                [r for r in summary.to_pylist() if r["model"] == entry.name],
-                [r for r in pairs.to_pylist() if r["model"] == entry.name and r["sigma"] == e.sigmas[-1]],
-                e.sigmas[-1],
+                [r for r in summary_rows if r["model"] == entry.name],
+                [r for r in pair_rows if r["model"] == entry.name],
+                [r for r in class_rows if r["model"] == entry.name],
+                sigma,
             )
             storage.write_bytes_atomic(storage.join(run.build, tables.evaluation_chart(entry.name)), chart)
         reused = sum(origin != "computed" for _, _, origin in results)

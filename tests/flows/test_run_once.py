@@ -55,7 +55,7 @@ def test_a_bug_inside_a_stage_says_so_and_where_its_traceback_is(pipeline_config
     def broken(build: str, title: str = "") -> str:
         return {}["missing"]
 
-    monkeypatch.setattr(report, "write_report", broken)
+    monkeypatch.setattr(report, "read_inputs", broken)
     assert cli.main(["report", pipeline_config]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "internal error, a bug in Salient" in err and "KeyError: 'missing'" in err and "config error" not in err
@@ -67,6 +67,6 @@ def test_a_bug_inside_a_stage_says_so_and_where_its_traceback_is(pipeline_config
     def refused(build: str, title: str = "") -> str:
         raise InputError("the build has no pairs; run `salient aggregate CONFIG` first")
 
-    monkeypatch.setattr(report, "write_report", refused)
+    monkeypatch.setattr(report, "read_inputs", refused)
     assert cli.main(["report", pipeline_config]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == "salient: error: the build has no pairs; run `salient aggregate CONFIG` first"

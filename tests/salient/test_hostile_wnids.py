@@ -117,12 +117,14 @@ def test_every_table_naming_classes_follows_the_class_metadata(hostile_world, tm
     def names_everywhere(build: str) -> dict[str, list]:
         classes = _classes(build)
         pairs = read_pairs(build)
-        report = open(os.path.join(build, tables.REPORT.path)).read()
+        index = open(os.path.join(build, tables.REPORT.path)).read()
+        pages = [open(os.path.join(build, tables.report_class_page(i))).read() for i in range(4)]
         return {
             "classes.parquet": [(classes[i]["name"], classes[i]["definition"], classes[i]["supercategory"]) for i in range(4)],
             "tasks.csv": [(t["class_name"], t["definition"], t["supercategory"]) for t in _tasks(build)],
             "app": [(p.class_name, p.definition, p.supercategory) for p in pairs],
-            "report": [f"{i}: {wnid} {classes[i]['name']}" in report for i, wnid in enumerate(WNIDS)],
+            "report": [f"{i}: {wnid} {classes[i]['name']}" in pages[i] and f"<td>{wnid}</td><td><a href='classes/{i:05d}.html'>{classes[i]['name']}</a>" in index
+                       for i, wnid in enumerate(WNIDS)],
         }
 
     def expected(tag: str) -> dict[str, list]:
