@@ -14,7 +14,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: demo test test-slow bench install clean
+.PHONY: demo test test-slow bench rehearsal install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,11 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.scale
 	$(BIN)/python -m benchmarks.stages
 	$(BIN)/python -m benchmarks.pipeline
+
+# ImageNet's counts on this machine: 1,000 classes x 130 images, 5,000 pairs, three `salient run`s
+# (about 30 minutes; docs/benchmarks.md). Not part of `make bench`.
+rehearsal: $(STAMP)
+	$(BIN)/python -m benchmarks.rehearsal
 
 clean:
 	rm -rf demo-out .pytest_cache

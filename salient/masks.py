@@ -21,6 +21,7 @@ pair's images; every other mask is rebuilt from its cached NAM.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -217,14 +218,15 @@ def pair_keys(rows: pa.Table, stage_fp: str) -> dict[tuple[int, int], str]:
     return {pair: storage.fingerprint(NAMS_STAGE, stage_fp, pair, sorted(v)) for pair, v in by_pair.items()}
 
 
-def cached_nams(cache_root: str, rows: pa.Table, keys: dict[tuple[int, int], str]) -> tuple[dict[int, list[float]], tuple[int, int] | None]:
-    """The cached NAM of every row whose pair is cached (by row number), and the NAMs' shape."""
-    out: dict[int, list[float]] = {}
-    shape = None
-    cols = rows.select(["row", "class_index", "feature_index", "relpath"]).to_pydict()
+def use_cached_nams(cache_root: str, rows: pa.Table, keys: dict[tuple[int, int], str], blocks: Sequence[MaskBlock]) -> None:
+    """Give each of ``blocks`` (of the mask array of ``rows``) the cached NAMs of its rows whose
+    pair is cached, so the model runs only for the others. Only the pairs with rows in ``blocks``
+    are read: blocks taken whole from the build or the cache need none."""
     wanted: dict[tuple[int, int], dict[str, int]] = {}
-    for row, c, j, rel in zip(*cols.values()):
-        wanted.setdefault((c, j), {})[rel] = row
+    for b in blocks:
+        part = rows.slice(b.start, len(b.relpaths)).select(["row", "class_index", "feature_index", "relpath"]).to_pydict()
+        for row, c, j, rel in zip(*part.values()):
+            wanted.setdefault((c, j), {})[rel] = row
 
     def read(pair: tuple[int, int]) -> tuple[dict, dict] | None:
         marker = builds.read_entry(cache_root, NAMS_STAGE, keys[pair])
@@ -234,14 +236,19 @@ def cached_nams(cache_root: str, rows: pa.Table, keys: dict[tuple[int, int], str
 
     with ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="nam-cache") as pool:
         found = list(pool.map(read, wanted))
+    cached: dict[int, list[float]] = {}
+    shape = None
     for rels, got in zip(wanted.values(), found):
         if got is None:
             continue
         marker, table = got
         shape = (marker["nam_h"], marker["nam_w"])
         for rel, low in zip(table["relpath"], table["nam"]):
-            out[rels[rel]] = low
-    return out, shape
+            if rel in rels:
+                cached[rels[rel]] = low
+    for b in blocks:
+        b.cached = {i - b.start: cached[i] for i in range(b.start, b.start + len(b.relpaths)) if i in cached}
+        b.nam_shape = shape
 
 
 def cache_pair_nams(cache_root: str, build: str, rows: pa.Table, keys: dict[tuple[int, int], str], n_blocks: int) -> list[str]:
@@ -289,18 +296,13 @@ def read_block_nams(build: str, n_blocks: int) -> pa.Table | None:
     return pa.concat_tables(parts).sort_by("row")
 
 
-def plan_blocks(
-    rows: pa.Table, root: str, build: str, shard: int, stage_fp: str,
-    cached: dict[int, list[float]] | None = None, nam_shape: tuple[int, int] | None = None,
-) -> list[MaskBlock]:
+def plan_blocks(rows: pa.Table, root: str, build: str, shard: int, stage_fp: str) -> list[MaskBlock]:
     rels = rows.column("relpath").to_pylist()
     feats = rows.column("feature_index").to_pylist()
-    cached = cached or {}
     blocks = []
     for k, start in enumerate(range(0, len(rels), shard)):
         r, f = rels[start : start + shard], feats[start : start + shard]
-        mine = {i - start: cached[i] for i in range(start, start + len(r)) if i in cached}
-        blocks.append(MaskBlock(k, start, r, f, root, build, storage.fingerprint(stage_fp, start, r, f), mine, nam_shape))
+        blocks.append(MaskBlock(k, start, r, f, root, build, storage.fingerprint(stage_fp, start, r, f)))
     return blocks
 
 
@@ -396,15 +398,12 @@ def index_fingerprint(stage_fp: str, rows: pa.Table) -> str:
     return storage.fingerprint(stage_fp, rows.select(list(INDEX_COLUMNS)).to_pydict())
 
 
-def prepare(
-    build: str, root: str, rows: pa.Table, crop: int, cfg: GeneralizeConfig, stage_fp: str,
-    cached: dict[int, list[float]] | None = None, nam_shape: tuple[int, int] | None = None,
-) -> list[MaskBlock]:
+def prepare(build: str, root: str, rows: pa.Table, crop: int, cfg: GeneralizeConfig, stage_fp: str) -> list[MaskBlock]:
     """Create (or keep) the mask array for ``rows`` in the build directory ``build``; returns its
-    blocks. ``root`` is the dataset root; ``cached``: known NAMs by row (see :func:`cached_nams`)."""
+    blocks (without cached NAMs: see :func:`use_cached_nams`). ``root`` is the dataset root."""
     n = rows.num_rows
     store_fp = storage.fingerprint(stage_fp, rows.column("relpath").to_pylist(), rows.column("feature_index").to_pylist())
-    blocks = plan_blocks(rows, root, build, cfg.masks_per_shard, stage_fp, cached, nam_shape)
+    blocks = plan_blocks(rows, root, build, cfg.masks_per_shard, stage_fp)
     try:
         arr = open_array(build, mode="r")
         keep = arr.attrs.get("salient.fingerprint") == store_fp and arr.shape == (n, crop, crop)

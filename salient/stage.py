@@ -37,7 +37,7 @@ from salient.preflight import Preflight
 
 log = logging.getLogger("salient.stage")
 
-# Cached items put in a build at once (their files are copied, or linked on one local disk).
+# Cached items put in a build at once on an object store (on a local disk: one at a time, as links).
 RESTORE_THREADS = 16
 # Seconds between two progress lines of a stage in the log (the terminal's bar is live).
 PROGRESS_INTERVAL_S = 30.0
@@ -302,8 +302,11 @@ def execute(stage: Stage, run: Run) -> dict:
     entries = builds.read_entries(run.root, stage.name, [item.key for item in missing])
     cached = [(item, entry) for item, entry in zip(missing, entries) if entry is not None and "result" in entry]
     todo = [item for item, entry in zip(missing, entries) if entry is None or "result" not in entry]
-    with ThreadPoolExecutor(max_workers=RESTORE_THREADS, thread_name_prefix="restore") as pool:
-        for item, result in zip((i for i, _ in cached), pool.map(lambda ie: stage.restore(run, *ie), cached)):
+    # On a local disk a restore is a few hard links, quicker done here than handed to threads.
+    threads = 1 if storage.is_local(run.root) else RESTORE_THREADS
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="restore") as pool:
+        restored = (pool.map if threads > 1 else map)(lambda ie: stage.restore(run, *ie), cached)
+        for item, result in zip((i for i, _ in cached), restored):
             results[item.marker] = (item, result, "cache")
     if items:
         run.log.info(
@@ -372,6 +375,9 @@ class Progress:
         self.bar.__exit__(exc_type, *exc)
         if exc_type is None:
             seconds = self.clock() - self.started
+            if self.total <= 1:  # one piece of work: a count and a rate would say nothing
+                self.log.info("%s: done in %s", self.name, duration(seconds))
+                return
             self.log.info(
                 "%s: %s %s done in %s (%s %s/s)", self.name, f"{self.done:,}", self.unit, duration(seconds),
                 f"{self.done / max(seconds, 1e-9):,.1f}", self.unit,

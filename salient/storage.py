@@ -19,6 +19,7 @@ import os
 import posixpath
 import random
 import re
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -153,8 +154,13 @@ class UnsafePathError(InputError):
     """A relative path taken from an input that would leave its root."""
 
 
+_LOCAL = LocalFileSystem()
+
+
 def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and the path within it for ``uri``."""
+    if ":" not in uri:  # a plain local path: what fsspec gives, without parsing it (a restore asks for 10^5)
+        return _LOCAL, LocalFileSystem._strip_protocol(uri)
     fs, path = fsspec.core.url_to_fs(uri)
     return fs, path
 
@@ -412,7 +418,15 @@ def copy_file(src: str, dst: str) -> None:
     sfs, spath = url_to_fs(src)
     dfs, dpath = url_to_fs(dst)
     if isinstance(sfs, LocalFileSystem) and isinstance(dfs, LocalFileSystem):
-        os.makedirs(os.path.dirname(dpath), exist_ok=True)
+        try:
+            os.link(spath, dpath)  # atomic on its own: the name appears with the whole content
+            return
+        except FileNotFoundError:
+            if not os.path.exists(spath):
+                raise
+            os.makedirs(os.path.dirname(dpath), exist_ok=True)
+        except OSError:  # the name exists (replaced below), or no hard links here (another disk)
+            pass
         tmp = os.path.join(os.path.dirname(dpath), f".{os.path.basename(dpath)}.tmp-{uuid.uuid4().hex}")
         try:
             os.link(spath, tmp)
@@ -424,6 +438,28 @@ def copy_file(src: str, dst: str) -> None:
         retrying(lambda: sfs.copy(spath, dpath), f"copy {src} to {dst}")  # server-side on object stores
     else:
         write_bytes_atomic(dst, read_bytes(src))
+
+
+def ls_detail(fs: fsspec.AbstractFileSystem, path: str) -> list[dict]:
+    """``fs.ls(path, detail=True)``: entries with at least name, type, size and the store's version
+    fields. On a local disk straight from ``os.scandir`` with the values fsspec gives (type of the
+    entry itself, a link being "other"; the size a link points at), at a tenth of fsspec's cost
+    per entry: a folder of ImageNet's is listed on every plan."""
+    if not isinstance(fs, LocalFileSystem):
+        return fs.ls(path, detail=True)
+    out = []
+    with os.scandir(fs._strip_protocol(path)) as entries:
+        for e in entries:
+            st = e.stat(follow_symlinks=False)
+            kind = "directory" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode) else "other"
+            size = st.st_size
+            if stat.S_ISLNK(st.st_mode):
+                try:
+                    size = e.stat(follow_symlinks=True).st_size
+                except OSError:
+                    size = 0
+            out.append({"name": e.path, "type": kind, "size": size, "mtime": st.st_mtime})
+    return out
 
 
 def list_files(uri: str) -> list[str]:

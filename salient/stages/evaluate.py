@@ -3,7 +3,8 @@ noise level. An item is one (model, sigma): the model's predictions on every mas
 and noisy, kept in ``evaluation/predictions/<model>/sigma-<sigma>.parquet``. One pool of workers
 goes over blocks of images; each worker holds every model with missing items and runs each of them
 at its missing sigmas on every image it decodes. The tables and charts are made from the
-predictions on every run."""
+predictions, and kept in the cache by the predictions' keys: a rerun with the same predictions
+takes them from there."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from collections.abc import Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from salient import evaluate, plots, preflight, storage, tables
+from salient import builds, evaluate, plots, preflight, storage, tables
 from salient.config import ComputeConfig, Config, EvalModelConfig, PreprocessConfig
 from salient.dataset import SalientMasks
 from salient.errors import InputError
@@ -32,6 +33,9 @@ def _index(run: Run) -> tuple[str, str]:
     if not storage.exists(uri):
         raise InputError(f"{uri} is missing: the build has no masks yet; run `salient generalize CONFIG` first")
     return uri, storage.parquet_metadata(uri)["fingerprint"]
+
+
+TABLES = "evaluate-tables"  # the cache entries of the tables and charts
 
 
 class Evaluate(Stage):
@@ -111,16 +115,31 @@ class Evaluate(Stage):
 
     def commit(self, run: Run, results: list[tuple[Item, dict, str]]) -> dict:
         e = run.config.evaluate
-        index_uri, index_fp = _index(run)
+        reused = sum(origin != "computed" for _, _, origin in results)
+        run.log.info("evaluated %d models x %d sigmas (%d reused)", len(e.models), len(e.sigmas), reused)
+        # The tables and charts follow from the predictions alone: kept as one cache entry, keyed by them.
+        key = self.key(run, TABLES, [item.key for item, _, _ in results])
+        files = [tables.evaluation_chart(m.name) for m in e.models] + [t.path for t in (tables.EVAL_PAIRS, tables.EVAL_CLASSES, tables.EVAL_SUMMARY)]
+        summary_uri = storage.join(run.build, tables.EVAL_SUMMARY.path)
+        in_build = storage.exists(summary_uri) and storage.parquet_metadata(summary_uri).get("fingerprint") == key
+        if not in_build and builds.restore_entry(run.root, TABLES, key, run.build) is None:
+            self._write_tables(run, results, key)
+            builds.save_entry(run.root, TABLES, key, run.build, files)
+        builds.record_cache_use(run.build, [f"{TABLES}/{key}"])
+        summary = storage.read_parquet(summary_uri)
+        return {"models": len(e.models), "sigmas": len(e.sigmas), "reused": reused, "summary": summary.to_pylist()}
+
+    def _write_tables(self, run: Run, results: list[tuple[Item, dict, str]], key: str) -> None:
+        """The evaluation's tables and one chart per model, from the predictions of ``results``."""
+        e = run.config.evaluate
+        index_uri, _ = _index(run)
         index = storage.read_parquet(index_uri)
         predictions = {
             (item.payload[0].name, item.payload[1]): storage.read_parquet(storage.join(run.build, item.files[0]))
             for item, _, _ in results
         }
         pairs, classes, summary = evaluate.build_tables(index, predictions)
-        fp = self.key(run, index_fp)
-        for written, table in ((tables.EVAL_PAIRS, pairs), (tables.EVAL_CLASSES, classes), (tables.EVAL_SUMMARY, summary)):
-            storage.write_parquet(storage.join(run.build, written.path), table, fp)
+        # the summary last: its fingerprint says the tables and charts are complete
         sigma = max(e.sigmas)  # the per-pair and per-class panels show the largest noise, as the report's class table does
         summary_rows = summary.to_pylist()
         pair_rows, class_rows = ([r for r in table.to_pylist() if r["sigma"] == sigma] for table in (pairs, classes))
@@ -133,9 +152,8 @@ class Evaluate(Stage):
                 sigma,
             )
             storage.write_bytes_atomic(storage.join(run.build, tables.evaluation_chart(entry.name)), chart)
-        reused = sum(origin != "computed" for _, _, origin in results)
-        run.log.info("evaluated %d models x %d sigmas (%d reused)", len(e.models), len(e.sigmas), reused)
-        return {"models": len(e.models), "sigmas": len(e.sigmas), "reused": reused, "summary": summary.to_pylist()}
+        for written, table in ((tables.EVAL_PAIRS, pairs), (tables.EVAL_CLASSES, classes), (tables.EVAL_SUMMARY, summary)):
+            storage.write_parquet(storage.join(run.build, written.path), table, key)
 
     def describe(self, s: dict) -> str:
         from salient.report import fmt

@@ -7,6 +7,7 @@ model only on that pair's images."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import pyarrow as pa
 
@@ -17,6 +18,9 @@ from salient.stage import Builder, Item, Run, Stage
 
 def _runner(model: ModelConfig, preprocess: PreprocessConfig, compute: ComputeConfig, threads: int | None) -> masks.MaskRunner:
     return masks.MaskRunner(model, preprocess, compute, threads=threads)
+
+
+INDEX = "generalize-index"  # the cache entries of masks/index.parquet, by the index's fingerprint
 
 
 class Generalize(Stage):
@@ -37,9 +41,8 @@ class Generalize(Stage):
 
     def plan(self, run: Run) -> list[Item]:
         cfg = run.config
-        rows, stage_fp, keys = self._rows(run)
-        cached, nam_shape = masks.cached_nams(run.root, rows, keys)
-        blocks = masks.prepare(run.build, cfg.dataset.root, rows, cfg.preprocess.crop, cfg.generalize, stage_fp, cached, nam_shape)
+        rows, stage_fp, _ = self._rows(run)
+        blocks = masks.prepare(run.build, cfg.dataset.root, rows, cfg.preprocess.crop, cfg.generalize, stage_fp)
         return [
             Item(
                 b.fingerprint, tables.mask_block_marker(b.index),
@@ -52,6 +55,16 @@ class Generalize(Stage):
         cfg = run.config
         return functools.partial(_runner, cfg.model, cfg.preprocess, cfg.compute)
 
+    def compute(self, run: Run, todo: list[Item], done: Callable[[Item, dict], None]) -> None:
+        self.use_cached_nams(run, todo)
+        super().compute(run, todo, done)
+
+    def use_cached_nams(self, run: Run, todo: list[Item]) -> None:
+        """Give the blocks to make the cached NAMs of their pairs (read here, not when planning:
+        a rerun that takes every block from the cache reads none)."""
+        rows, _, keys = self._rows(run)
+        masks.use_cached_nams(run.root, rows, keys, [item.payload for item in todo])
+
     def on_result(self, run: Run, item: Item, result: dict) -> None:
         run.log.debug(
             "block %05d: %d masks, %d of them from %d images through the model",
@@ -62,9 +75,16 @@ class Generalize(Stage):
         rows, stage_fp, keys = self._rows(run)
         index_fp = masks.index_fingerprint(stage_fp, rows)
         index_uri = storage.join(run.build, tables.MASK_INDEX.path)
-        if not storage.exists(index_uri) or storage.parquet_metadata(index_uri).get("fingerprint") != index_fp:
+        in_build = storage.exists(index_uri) and storage.parquet_metadata(index_uri).get("fingerprint") == index_fp
+        if not in_build and builds.restore_entry(run.root, INDEX, index_fp, run.build) is None:
             masks.write_index(run.build, rows, len(results), index_fp)
-        builds.record_cache_use(run.build, masks.cache_pair_nams(run.root, run.build, rows, keys, len(results)))
+            builds.save_entry(run.root, INDEX, index_fp, run.build, [tables.MASK_INDEX.path])
+        used = [f"{INDEX}/{index_fp}"]
+        if any(origin == "computed" for _, _, origin in results):
+            used += masks.cache_pair_nams(run.root, run.build, rows, keys, len(results))
+        else:  # the blocks were all made before, and their pairs' NAMs kept then
+            used += [f"{masks.NAMS_STAGE}/{key}" for key in keys.values()]
+        builds.record_cache_use(run.build, used)
         computed = [r for _, r, origin in results if origin == "computed"]
         return {
             "masks": rows.num_rows, "images": len(set(rows.column("image_id").to_pylist())), "blocks": len(results),

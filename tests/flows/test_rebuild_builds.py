@@ -83,6 +83,9 @@ def test_rebuilds_reuse_everything_then_only_what_changed(pipeline, ray_session,
         a, b = (storage.read_parquet(storage.join(r["build"], table)) for r in (first, second))
         assert a.equals(b)
     assert storage.read_json(storage.join(first["build"], builds.MANIFEST)) == manifest, "published builds stay as they were"
+    for table in ("masks/index.parquet", "evaluation/summary.parquet", "evaluation/pairs.parquet"):
+        inodes = {os.stat(storage.join(r["build"], table)).st_ino for r in (first, second)}
+        assert len(inodes) == 1, f"{table}: the file kept in the cache, linked into the new build, not made again"
 
     # a sixth answer arrives for one pair, then for another: only the new pair's images go through the model
     pairs = storage.read_parquet(storage.join(second["build"], "pairs.parquet")).to_pylist()

@@ -72,6 +72,7 @@ def _run(cfg, build_pairs, world, concurrently=True):
     run = local_run(cfg, [stage])
     _tables(run.build, root, active, build_pairs)
     items = stage.plan(run)
+    stage.use_cached_nams(run, items)
     builder = stage.worker(run)
     together = threading.Barrier(2)
 

@@ -58,3 +58,12 @@ def test_a_stage_of_many_items_logs_its_progress_not_its_items(tmp_path, caplog)
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
     assert len(lines) <= 3, lines  # the plan's line, and the progress' last (one within 30 s)
     assert lines[-1].startswith("many: 500 things done in ")
+
+
+def test_one_piece_of_work_ends_with_its_time_alone(caplog):
+    readings = iter([0.0, 26.0, 26.0])
+    log = logging.getLogger("test.progress")
+    with caplog.at_level(logging.INFO, logger="test.progress"):
+        with Progress(log, "aggregate", 1, "items", clock=lambda: next(readings)) as advance:
+            advance(1)
+    assert [r.getMessage() for r in caplog.records] == ["aggregate: done in 26 s"]

@@ -71,3 +71,39 @@ def test_check_writable(tmp_path):
     blocker.write_text("x")
     with pytest.raises(OSError):
         storage.check_writable(str(blocker / "out"))
+
+
+def test_a_local_listing_gives_what_fsspec_gives(tmp_path):
+    """The local fast path of ``ls_detail`` and ``url_to_fs`` against fsspec itself: files, folders,
+    links that resolve and links that do not, a named pipe."""
+    import fsspec
+
+    (tmp_path / "a.JPEG").write_bytes(b"x" * 17)
+    (tmp_path / "folder").mkdir()
+    os.symlink("a.JPEG", tmp_path / "link.JPEG")
+    os.symlink("nowhere", tmp_path / "broken.JPEG")
+    os.mkfifo(tmp_path / "pipe.JPEG")
+    fs = fsspec.filesystem("file")
+
+    def fields(entries):
+        return sorted((e["name"], e["type"], e["size"], e["mtime"]) for e in entries)
+
+    assert fields(storage.ls_detail(fs, str(tmp_path))) == fields(fs.ls(str(tmp_path), detail=True))
+    assert {e["type"] for e in storage.ls_detail(fs, str(tmp_path))} == {"file", "directory", "other"}
+    for uri in (str(tmp_path), f"{tmp_path}/folder/", "relative/path", "~/x", "."):
+        fs_ours, path = storage.url_to_fs(uri)
+        fs_theirs, expected = fsspec.core.url_to_fs(uri)
+        assert (type(fs_ours), path) == (type(fs_theirs), expected)
+
+
+def test_a_local_copy_is_a_link_that_replaces_what_was_there(tmp_path):
+    src, dst = tmp_path / "src.bin", tmp_path / "deep" / "er" / "dst.bin"
+    src.write_bytes(b"new")
+    storage.copy_file(str(src), str(dst))
+    assert dst.read_bytes() == b"new" and os.stat(dst).st_ino == os.stat(src).st_ino
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"newer")
+    storage.copy_file(str(other), str(dst))
+    assert dst.read_bytes() == b"newer" and sorted(os.listdir(dst.parent)) == ["dst.bin"], "no temporary left"
+    with pytest.raises(FileNotFoundError):
+        storage.copy_file(str(tmp_path / "missing.bin"), str(tmp_path / "x.bin"))
