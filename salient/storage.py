@@ -159,7 +159,7 @@ _LOCAL = LocalFileSystem()
 
 def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and the path within it for ``uri``."""
-    if ":" not in uri:  # a plain local path: what fsspec gives, without parsing it (a restore asks for 10^5)
+    if isinstance(uri, str) and ":" not in uri:  # a plain local path: what fsspec gives, unparsed (a restore asks 10^5 times)
         return _LOCAL, LocalFileSystem._strip_protocol(uri)
     fs, path = fsspec.core.url_to_fs(uri)
     return fs, path

@@ -94,6 +94,7 @@ def test_a_local_listing_gives_what_fsspec_gives(tmp_path):
         fs_ours, path = storage.url_to_fs(uri)
         fs_theirs, expected = fsspec.core.url_to_fs(uri)
         assert (type(fs_ours), path) == (type(fs_theirs), expected)
+    assert storage.url_to_fs(tmp_path)[1] == fsspec.core.url_to_fs(tmp_path)[1] == str(tmp_path), "a path object too"
 
 
 def test_a_local_copy_is_a_link_that_replaces_what_was_there(tmp_path):
