@@ -20,11 +20,12 @@ import fcntl
 import hashlib
 import io
 import json
-import math
 import os
 import posixpath
 import re
+import stat
 import threading
+import unicodedata
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -62,10 +63,14 @@ REASON_KINDS = (
     "confidence_out_of_range",
     "duplicate_answer",
     "missing_worker",
+    "non_ascii_worker_id",
     "control_character",
     "field_too_large",
     "unreadable_row",
+    "bare_carriage_return",
+    "repeated_header",
     "missing_columns",
+    "duplicate_column",
     "unreadable_file",
     "not_an_answer_file",
 )
@@ -99,6 +104,7 @@ REJECTED_SCHEMA = pa.schema([
 ])
 
 _INTEGER = re.compile(r"[0-9]+(?:\.0*)?")  # "3" and "3.0"; no sign, exponent or fraction
+_NUMBER = re.compile(r"[+-]?[0-9]+(?:\.[0-9]*)?")  # ASCII digits: no "３", "1e0", "nan" or "inf"
 
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -123,23 +129,40 @@ def _in_flight(name: str) -> bool:
 _TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{32}$")
 
 
-def _listing(root: str, folder: str) -> tuple[str, list[str]]:
-    """The folder ``<root>/<folder>`` and every file under it (paths relative to it, sorted); none
-    when it does not exist."""
+def _kind_of(mode: int) -> str:
+    """What an entry that is not a regular file is, by its ``st_mode``."""
+    kinds = (
+        (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link"),
+    )
+    return next((what for test, what in kinds if test(mode)), "not a regular file")
+
+
+def _listing(root: str, folder: str) -> tuple[str, list[str], dict[str, str]]:
+    """The folder ``<root>/<folder>``, every regular file under it (paths relative to it, sorted), and
+    every other entry under it that holds no file (path relative to it -> what it is: a named pipe,
+    an empty folder, ...); none when the folder does not exist."""
     incoming = storage.join(root, folder)
     fs, path = storage.url_to_fs(incoming)
     if not fs.isdir(path):
-        return incoming, []
+        return incoming, [], {}
     base = path.rstrip("/") + "/"
-    found = (name for name, info in fs.find(path, withdirs=False, detail=True).items() if info.get("type") == "file")
-    return incoming, sorted(name.removeprefix(base) for name in found if name.startswith(base))
+    entries = {name.removeprefix(base): info for name, info in fs.find(path, withdirs=True, detail=True).items() if name.startswith(base)}
+    files = sorted(name for name, info in entries.items() if info.get("type") == "file")
+    parents = {posixpath.dirname(name) for name in entries}
+    others = {
+        name: "an empty folder" if info.get("type") == "directory" else _kind_of(info.get("mode", 0))
+        for name, info in entries.items()
+        if info.get("type") != "file" and not (info.get("type") == "directory" and name in parents)
+    }
+    return incoming, files, others
 
 
 def answer_files(root: str, extra: Sequence[str] = (), folder: str = INCOMING) -> list[str]:
     """The answer files to ingest: ``extra`` in the given order, then every ``*.csv`` (any letter
     case, not hidden) directly under ``<root>/<folder>/`` (``root`` is the output root; ``folder``
     defaults to ``annotations/incoming/``) by name; a file named twice is kept once, at its first place."""
-    incoming, names = _listing(root, folder)
+    incoming, names, _ = _listing(root, folder)
     found = [storage.join(incoming, n) for n in names if "/" not in n and _is_answer_file(n)]
     seen: set[str] = set()
     files = []
@@ -152,11 +175,14 @@ def answer_files(root: str, extra: Sequence[str] = (), folder: str = INCOMING) -
 
 
 def other_files(root: str, folder: str = INCOMING) -> list[tuple[str, str]]:
-    """(URI, why it is not read) of every file under ``<root>/<folder>/`` that :func:`answer_files`
-    does not take: other names, hidden files, files in subfolders. Files being written atomically
-    right now are left out."""
-    incoming, names = _listing(root, folder)
+    """(URI, why it is not read) of every entry under ``<root>/<folder>/`` that :func:`answer_files`
+    does not take: other names, hidden files, files in subfolders, symbolic links, named pipes,
+    devices, empty folders. Files being written atomically right now are left out."""
+    incoming, names, others = _listing(root, folder)
     out = []
+    for rel, what in others.items():
+        why = what if what == "an empty folder" else f"{what}, not a regular file; put the CSV file itself there"
+        out.append((storage.join(incoming, rel), f"not read: it is {why}"))
     for rel in names:
         name = posixpath.basename(rel)
         if "/" in rel:
@@ -168,7 +194,7 @@ def other_files(root: str, folder: str = INCOMING) -> list[tuple[str, str]]:
         else:
             why = "its name does not end in .csv; answer files are CSV, save it as .csv to have it read"
         out.append((storage.join(incoming, rel), f"not read: {why}"))
-    return out
+    return sorted(out)
 
 
 def check_inputs(root: str, answer_uris: Sequence[str], classes: Mapping[int, str] | None, folder: str, how: str) -> None:
@@ -188,20 +214,42 @@ def check_inputs(root: str, answer_uris: Sequence[str], classes: Mapping[int, st
     missing = [u for u in answer_uris if not storage.exists(u)]
     if missing:
         raise InputError(f"answer files not found: {', '.join(missing)}; check the paths and {storage.join(root, folder)}/")
+    odd = [f"{u} is {_kind_of(mode)}" for u in answer_uris if (mode := _local_mode(u)) is not None and not stat.S_ISREG(mode)]
+    if odd:
+        raise InputError(
+            f"answer files that are not regular files: {'; '.join(odd)}; give CSV files (for a folder, the CSV files in it)"
+        )
     if classes is not None and not classes:
         raise InputError("classes is empty; pass None to skip the class check, or the dataset's classes")
 
 
+def _local_mode(uri: str) -> int | None:
+    """The ``st_mode`` of the local file ``uri`` (links followed); None for an object-store URI."""
+    fs, path = storage.url_to_fs(uri)
+    return os.stat(path).st_mode if isinstance(fs, LocalFileSystem) else None
+
+
 def read_answer_file(uri: str) -> bytes:
-    """The bytes of the answer file at ``uri``. On a local disk it is read under a shared lock, so that
-    an answer being appended (:func:`append_answer_records`) is read whole or not at all."""
+    """The bytes of the answer file at ``uri``; :class:`Rejected` for a local entry that is not a
+    regular file (a named pipe, a device, a folder), which is never read. On a local disk it is read
+    under a shared lock, so that an answer being appended (:func:`append_answer_records`) is read
+    whole or not at all."""
     fs, path = storage.url_to_fs(uri)
     if not isinstance(fs, LocalFileSystem):
         return storage.read_bytes(uri)
-    with open(path, "rb") as fh:
+    # Non-blocking: opening a named pipe would otherwise wait for a writer. The check is on the
+    # opened file, so a file swapped for a pipe after check_inputs is caught too.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise Rejected("not_an_answer_file", f"it is {_kind_of(mode)}, not a regular file; put the answer CSV file there instead")
         with contextlib.suppress(OSError):  # a filesystem without locks is read as before
-            fcntl.flock(fh.fileno(), fcntl.LOCK_SH)
-        return fh.read()
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        with open(fd, "rb", closefd=False) as fh:
+            return fh.read()
+    finally:
+        os.close(fd)  # and with it the lock
 
 
 def append_answer_records(path: str, data: bytes) -> None:
@@ -223,6 +271,20 @@ def append_answer_records(path: str, data: bytes) -> None:
             raise
     finally:
         os.close(fd)  # and with it the lock
+
+
+def worker_identity(worker_id: str) -> str:
+    """The worker that ``worker_id`` names, the same in every answer file and in the annotation app:
+    its Unicode NFKC form, case-folded (``ALICE``, ``alice`` and fullwidth ``ＡＬＩＣＥ`` are one worker).
+    :class:`Rejected` (``non_ascii_worker_id``) when that is not all ASCII, so that no look-alike
+    letter of another script (Cyrillic ``а`` for Latin ``a``) makes a second worker."""
+    identity = unicodedata.normalize("NFKC", worker_id).casefold()
+    if not identity.isascii():
+        raise Rejected(
+            "non_ascii_worker_id",
+            f"WorkerId {worker_id!r} holds letters outside ASCII (after Unicode NFKC normalisation); worker ids are ASCII",
+        )
+    return identity
 
 
 class Rejected(Exception):
@@ -296,11 +358,19 @@ def _records(lines: Sequence[str]) -> Iterator[tuple[int, list[str] | Rejected |
             return
         except csv.Error as exc:
             first = start + previous + 1
-            yield first, Rejected(
-                "unreadable_row",
-                f"not valid CSV at line {start + reader.line_num} ({exc}), in the record that starts at line {first}: "
-                f"line {first} was not used and reading went on at line {first + 1}; check its quotes",
-            )
+            skipped = f"line {first} was not used and reading went on at line {first + 1}"
+            if "new-line character seen in unquoted field" in str(exc):
+                yield first, Rejected(
+                    "bare_carriage_return",
+                    f"line {start + reader.line_num} holds a carriage return (CR) that does not end the line, outside "
+                    f"quotes, in the record that starts at line {first}: {skipped}; remove the CR or quote the field",
+                )
+            else:
+                yield first, Rejected(
+                    "unreadable_row",
+                    f"not valid CSV at line {start + reader.line_num} ({exc}), in the record that starts at line {first}: "
+                    f"{skipped}; check its quotes",
+                )
             start = first
 
 
@@ -316,25 +386,30 @@ def _line_of(data: bytes, offset: int) -> int:
 
 
 def _decode(data: bytes) -> str:
-    """The text of a UTF-8 file (a UTF-8 byte-order mark is dropped); :class:`Rejected` for any other encoding."""
+    """The text of a UTF-8 file (a UTF-8 byte-order mark is dropped); :class:`Rejected` for any other
+    encoding: a NUL byte in the first line, or in a file that is not UTF-8, is taken for UTF-16
+    without a byte-order mark or binary data (a NUL byte in a later line of a UTF-8 file rejects its row only)."""
     for bom, name in _WIDE_BOMS:
         if data.startswith(bom):
             raise Rejected("unreadable_file", f"the file is {name} (it starts with a {name} byte-order mark); save it as UTF-8 CSV")
     nul = data.find(b"\x00")
-    if nul >= 0:
+    try:
+        text, bad = data.decode("utf-8-sig"), -1
+    except UnicodeDecodeError as exc:
+        text, bad = None, exc.start
+    if nul >= 0 and (text is None or _line_of(data, nul) == 1):
         raise Rejected(
             "unreadable_file",
             f"byte {nul} (line {_line_of(data, nul)}) is a NUL byte: the file is binary, or UTF-16 "
             "without a byte-order mark; save it as UTF-8 CSV",
         )
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
+    if text is None:
         raise Rejected(
             "unreadable_file",
-            f"byte {exc.start} (line {_line_of(data, exc.start)}) is not UTF-8 (the file may be Latin-1, "
+            f"byte {bad} (line {_line_of(data, bad)}) is not UTF-8 (the file may be Latin-1, "
             "Windows-1252 or binary); save it as UTF-8 CSV",
-        ) from None
+        )
+    return text
 
 
 def _parse_id(column: str, text: str, minimum: int = 0) -> int:
@@ -385,11 +460,18 @@ class Ledger:
     def read(self, uri: str) -> None:
         """Check every row of the answer file at ``uri`` into the ledger; a file that cannot be read
         is one rejected entry."""
-        data = read_answer_file(uri)
+        try:
+            data = read_answer_file(uri)
+        except Rejected as exc:
+            self.reject(uri, 0, exc.kind, exc.reason)
+            return
         self.digests.append((uri, hashlib.sha256(data).hexdigest()))
         try:
             text = _decode(data)
-            lines = io.StringIO(text, newline="").readlines()
+            if "\n" not in text:  # lines that end in CR alone (classic Mac OS): CR is the line end
+                text = text.replace("\r", "\n")
+            # Lines end at LF only: a CR elsewhere stays in its line, where the CSV reader rejects it.
+            lines = io.StringIO(text, newline="\n").readlines()
             with _field_limit(len(text) + 1):
                 records = list(_records(lines))
         except Rejected as exc:
@@ -414,6 +496,14 @@ class Ledger:
                 f"missing columns {', '.join(missing)}; expected the columns {expected}", header,
             )
             return
+        duplicated = [c for c in self.columns if header.count(c) > 1]
+        if duplicated:
+            self.reject(
+                uri, header_line, "duplicate_column",
+                f"the header names {', '.join(duplicated)} more than once; keep one column of each name; no row of this file was used",
+                header,
+            )
+            return
         position = {name: i for i, name in reversed(list(enumerate(header)))}
         for line, row in records[1:]:
             self.rows += 1
@@ -425,6 +515,10 @@ class Ledger:
                 continue
             cells = {name: row[i].strip() if i < len(row) else "" for name, i in position.items()}
             try:
+                if [c.strip().lstrip("\ufeff") for c in row] == header:  # files joined together, byte-order marks and all
+                    raise Rejected("repeated_header", "the header row is repeated here; it is not an answer")
+                if any("\x00" in c for c in row):  # in any column, read or not
+                    raise Rejected("control_character", "a field holds a NUL byte (U+0000), which is not text; use plain text")
                 self.accepted.append(self.validate(cells, uri, line))
             except Rejected as exc:
                 raw: dict[str, Any] = dict(zip(header, row))
@@ -442,6 +536,7 @@ class Ledger:
             bad = CONTROL.search(value.replace("\r\n", "\n"))
             if bad:
                 raise Rejected("control_character", f"{column} holds the control character U+{ord(bad.group()):04X}; use plain text")
+        worker = worker_identity(worker)
         class_index = _parse_id("Input.class_index", cells.get("Input.class_index", ""))
         feature_index = _parse_id("Input.feature_index", cells.get("Input.feature_index", ""))
         rank_text = cells.get("Input.feature_rank", "")
@@ -470,12 +565,11 @@ class Ledger:
         if answer not in ANSWERS:
             raise Rejected("unknown_answer", f"Answer.main {answer!r} is not one of {', '.join(ANSWERS)}")
         confidence_text = cells.get("Answer.confidence", "")
-        try:
-            confidence = float(confidence_text)
-        except ValueError:
-            confidence = math.nan
-        if not math.isfinite(confidence):
-            raise Rejected("non_numeric_confidence", f"Answer.confidence {confidence_text!r} is not a number")
+        if not _NUMBER.fullmatch(confidence_text):
+            raise Rejected(
+                "non_numeric_confidence", f"Answer.confidence {confidence_text!r} is not a number in ASCII digits, like 4 or 4.5"
+            )
+        confidence = float(confidence_text)
         if not CONFIDENCE_MIN <= confidence <= CONFIDENCE_MAX:
             raise Rejected(
                 "confidence_out_of_range",

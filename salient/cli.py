@@ -8,14 +8,17 @@ import errno
 import importlib
 import logging
 import os
+import signal
 import sys
 import tempfile
+import threading
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 from salient import config as cfgmod
 from salient import preflight, resources, storage, tables
-from salient.errors import ConfigError, InputError, UserError
+from salient.errors import LINK_LOOP, ConfigError, InputError, UserError
 
 # Local-run defaults (docs/design.md §4): no telemetry, Ray kept on loopback with auth off.
 LOCAL_ENV_DEFAULTS = {
@@ -28,6 +31,8 @@ LOCAL_ENV_DEFAULTS = {
 
 EXIT_BUG = 1  # an unexpected exception: a bug in Salient
 EXIT_STORE = 4  # a store refused a read or a write (permissions, a full disk, ...)
+EXIT_SIGTERM = 128 + signal.SIGTERM
+STOPPED = "salient: stopped (SIGTERM); finished work is kept, the next run resumes it"
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -52,15 +57,72 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+class Stopped(BaseException):
+    """A SIGTERM, raised in the main thread so that every ``with`` and ``finally`` on the way out
+    (Ray's shutdown, the lease's release) runs; a BaseException, so no stage retry catches it."""
+
+
+@contextmanager
+def _sigterm_stops() -> Iterator[None]:
+    """While the block runs, SIGTERM stops it in order: an exception in the main thread unwinds
+    it, then the command prints :data:`STOPPED` and exits with :data:`EXIT_SIGTERM`."""
+    from prefect.exceptions import TerminationSignal
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
+        yield
+        return
+    received = threading.Event()
+
+    def stop(signum: int, frame: object) -> None:
+        if not received.is_set():  # a second one must not cut the cleanup of the first short
+            received.set()
+            raise Stopped()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    # Others replace this handler while the flow runs: Prefect's raises TerminationSignal (and sends
+    # SIGTERM again once out of the flow), the Ray driver's calls sys.exit(SIGTERM).
+    except (Stopped, TerminationSignal):
+        stopped = True
+    except SystemExit as exc:
+        if exc.code != signal.SIGTERM:
+            raise
+        stopped = True
+    else:
+        stopped = False
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if stopped:
+        print(STOPPED, file=sys.stderr)
+        raise SystemExit(EXIT_SIGTERM)
+
+
+def _import_rebuild_flow() -> Callable[..., dict]:
+    """The rebuild flow, imported without the native crash handler of the Ray driver in this
+    process: that handler turns a SIGTERM into a stack dump, and into SIGABRT 3 s later while the
+    run still cleans up. Ray reads the switch once, when imported; Ray's workers keep the handler."""
+    key = "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"
+    mine = key not in os.environ
+    if mine:
+        os.environ[key] = "1"
+    try:
+        from flows.rebuild import rebuild_flow
+    finally:
+        if mine:
+            del os.environ[key]  # the Ray processes this one starts inherit its environment
+    return rebuild_flow
+
+
 def run_stages(cfg: cfgmod.Config, names: list[str] | None, wait_s: float = 0.0) -> dict:
     """The pre-flight of the stages ``names`` (None: every stage that applies), then the rebuild
-    flow that runs them, once."""
-    from flows.rebuild import rebuild_flow
-
+    flow that runs them, once; a SIGTERM meanwhile ends the command with exit code 143."""
     from salient import stages as registry
 
-    checked = preflight.for_stages(cfg, registry.select(cfg, names))
-    return rebuild_flow(cfg, names, wait_s, checked)
+    rebuild_flow = _import_rebuild_flow()
+    with _sigterm_stops():
+        checked = preflight.for_stages(cfg, registry.select(cfg, names))
+        return rebuild_flow(cfg, names, wait_s, checked)
 
 
 def _print_summaries(result: dict) -> None:
@@ -377,8 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def describe_store_error(exc: OSError) -> str:
-    """One line for a store error: what failed, on what, and what to do."""
+def describe_store_error(exc: OSError, building: bool) -> str:
+    """One line for a store error: what failed, on what, and what to do (``building``: it stopped a
+    build, which a new run resumes)."""
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         todo = "make the output writable (or point `output` somewhere writable)"
     elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -386,7 +449,8 @@ def describe_store_error(exc: OSError) -> str:
     else:
         todo = "fix the store"
     where = "; ".join(getattr(exc, "__notes__", ()))
-    return f"{exc}" + (f" ({where})" if where else "") + f"; {todo}, then run again: the build resumes where it stopped"
+    again = "then run again: the build resumes where it stopped" if building else "then run again"
+    return cfgmod.cut(str(exc)) + (f" ({cfgmod.cut(where)})" if where else "") + f"; {todo}, {again}"
 
 
 class _NoExpectedTracebacks(logging.Filter):
@@ -414,8 +478,8 @@ def report_bug(exc: BaseException) -> str:
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     fd, path = tempfile.mkstemp(prefix=f"salient-bug-{stamp}-", suffix=".txt")
     with os.fdopen(fd, "w") as fh:
-        fh.write(f"salient {' '.join(sys.argv[1:])}\n\n")
-        fh.write("".join(traceback.format_exception(exc)))
+        fh.write(storage.redact(f"salient {' '.join(sys.argv[1:])}\n\n"))
+        fh.write(storage.redact("".join(traceback.format_exception(exc))))
     return path
 
 
@@ -441,22 +505,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
+    building = args.command != "validate" and (args.command in ("run", *_stage_names()) or getattr(args, "annotate_command", None) == "simulate")
     try:
-        if args.command != "validate" and (args.command in ("run", *_stage_names()) or getattr(args, "annotate_command", None) == "simulate"):
+        if building:
             _quiet_expected_tracebacks()
         return func(args)
     except UserError as exc:
         for line in exc.lines:
-            print(f"salient: {exc.label}: {line}", file=sys.stderr)
+            print(f"salient: {exc.label}: {storage.redact(line)}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:
-        print(f"salient: error: {describe_store_error(exc)}", file=sys.stderr)
+        if exc.errno == errno.ELOOP:  # a path the user named: no store failed
+            print(f"salient: error: {cfgmod.show(exc.filename or str(exc))}: {LINK_LOOP}", file=sys.stderr)
+            return InputError.exit_code
+        print(f"salient: error: {describe_store_error(exc, building)}", file=sys.stderr)
         return EXIT_STORE
     except KeyboardInterrupt:
         print("salient: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 -- anything else is a bug, reported as one
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        first = cfgmod.cut((str(exc).strip().splitlines() or [""])[0])
         print(
             f"salient: internal error, a bug in Salient (not in your config or data): {type(exc).__name__}: {first}; "
             f"the traceback is in {report_bug(exc)}; please report it with that file",

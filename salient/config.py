@@ -50,6 +50,28 @@ MAX_CONFIG_BYTES = 2**20
 MAX_CHECKPOINT_BYTES = 16 * 2**30
 # The most characters of a value an error message shows.
 SHOW_CHARS = 200
+# Upper bounds of the numbers that size memory, work or waits: far above any real use, low enough
+# that a value within them cannot ask for more memory than a machine has, or loop for ever.
+MAX_SIDE = 13_377  # the longest side whose square stays within MAX_PIXELS
+MAX_BATCH = 65_536  # images per batch, masks per shard, images per evaluation block
+MAX_SHARD = 10_000_000  # images per shard
+MAX_TOP_K = 10_000  # images kept per pair or per neuron, shown or masked per pair
+MAX_FEATURES = 65_536  # features per class
+MAX_STEPS = 100_000  # attack steps, noise trials, simulated workers, answers needed per pair
+MAX_WORKERS = 4_096  # Ray workers, GPUs requested, CPUs or GPUs per worker, decoding threads
+MAX_WAIT_S = 86_400.0  # seconds to wait for a cluster or for GPUs
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeds
+
+
+CREDENTIALS_HINT = (
+    "holds a user name or password (scheme://user:password@...); remove them from the URI and give them "
+    "to the store instead: for S3, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+)
+
+
+def _no_credentials(value: Any) -> None:
+    if any(isinstance(v, str) and storage.has_credentials(v) for v in (value if isinstance(value, list) else [value])):
+        raise ValueError(CREDENTIALS_HINT)
 
 
 class _Section(BaseModel):
@@ -63,6 +85,7 @@ class _Section(BaseModel):
             raise ValueError("a true/false value (YAML reads yes, no, on, off, true and false as one); give a number or a text")
         if isinstance(value, str) and not value.strip():
             raise ValueError("must not be blank")
+        _no_credentials(value)
         return value
 
 
@@ -91,8 +114,8 @@ class ModelConfig(_Section):
 class PreprocessConfig(_Section):
     """Resize (shorter side, bilinear) then centre crop, in pixels."""
 
-    resize: int = Field(256, gt=0)
-    crop: int = Field(224, gt=0)
+    resize: int = Field(256, gt=0, le=MAX_SIDE)
+    crop: int = Field(224, gt=0, le=MAX_SIDE)
     max_pixels: int = Field(
         MAX_PIXELS, gt=0, le=MAX_PIXELS,
         description="images with more pixels, as stored or once resized, are refused before decoding and listed as failures",
@@ -116,36 +139,36 @@ class ComputeConfig(_Section):
     Only ``precision`` and ``compile`` change results; the rest says where and how fast they are computed.
     """
 
-    workers: int | None = Field(None, gt=0, description="number of worker actors; default: one per GPU, else one", json_schema_extra=OMIT)
-    gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per worker; default 1 with GPUs, 0 means CPU", json_schema_extra=OMIT)
+    workers: int | None = Field(None, gt=0, le=MAX_WORKERS, description="number of worker actors; default: one per GPU, else one", json_schema_extra=OMIT)
+    gpus_per_worker: float | None = Field(None, ge=0, le=MAX_WORKERS, description="GPUs per worker; default 1 with GPUs, 0 means CPU", json_schema_extra=OMIT)
     cpus_per_worker: float | None = Field(
-        None, gt=0, description="CPUs per worker; default: all cores on a CPU-only machine", json_schema_extra=OMIT
+        None, gt=0, le=MAX_WORKERS, description="CPUs per worker; default: all cores on a CPU-only machine", json_schema_extra=OMIT
     )
-    batch_size: int = Field(64, gt=0, json_schema_extra=OMIT)
+    batch_size: int = Field(64, gt=0, le=MAX_BATCH, json_schema_extra=OMIT)
     # Shards are keyed by their files, so how images are cut into shards changes no result.
-    shard_size: int = Field(5000, gt=0, description="images per shard", json_schema_extra=OMIT)
+    shard_size: int = Field(5000, gt=0, le=MAX_SHARD, description="images per shard", json_schema_extra=OMIT)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     # Compiled kernels may round differently, so the mode counts in the cache keys.
     compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = Field(
         "none", description="torch.compile mode of the workers' model (batches padded to batch_size); none: eager"
     )
     decode_threads: int | None = Field(
-        None, gt=0, description="image decoding threads per worker; default: its CPUs", json_schema_extra=OMIT
+        None, gt=0, le=MAX_WORKERS, description="image decoding threads per worker; default: its CPUs", json_schema_extra=OMIT
     )
     ray_address: str | None = Field(
         None, description="existing Ray cluster (host:port, ray://host:port or auto); default: a private local Ray",
         json_schema_extra=OMIT,
     )
     ray_connect_timeout_s: float = Field(
-        30.0, gt=0, description="how long to wait for ray_address to accept a connection", json_schema_extra=OMIT
+        30.0, gt=0, le=MAX_WAIT_S, description="how long to wait for ray_address to accept a connection", json_schema_extra=OMIT
     )
     request_gpus: int | None = Field(
-        None, gt=0,
+        None, gt=0, le=MAX_WORKERS,
         description="GPUs to ask an autoscaling Ray cluster for when a GPU stage starts (withdrawn when it ends); default: use the GPUs already there",
         json_schema_extra=OMIT,
     )
     scale_up_timeout_s: float = Field(
-        900.0, gt=0, description="how long a stage waits for compute.request_gpus to arrive before running on the GPUs there are",
+        900.0, gt=0, le=MAX_WAIT_S, description="how long a stage waits for compute.request_gpus to arrive before running on the GPUs there are",
         json_schema_extra=OMIT,
     )
 
@@ -191,16 +214,16 @@ class AggregateConfig(_Section):
     """Feature importance, the (class, feature) pairs and the top images (docs/design.md §2)."""
 
     grouping: Literal["prediction", "label"] = Field("prediction", description="D(c): images predicted c (the paper's) or labelled c")
-    features_per_class: int = Field(5, gt=0, description="F: top features per class, the pairs")
-    top_k_class: int = Field(65, gt=0, description="K: top images of D(c) kept per pair")
-    top_k_neuron: int = Field(100, gt=0, description="top images per neuron over the whole dataset")
+    features_per_class: int = Field(5, gt=0, le=MAX_FEATURES, description="F: top features per class, the pairs")
+    top_k_class: int = Field(65, gt=0, le=MAX_TOP_K, description="K: top images of D(c) kept per pair")
+    top_k_neuron: int = Field(100, gt=0, le=MAX_TOP_K, description="top images per neuron over the whole dataset")
 
 
 class DiscoverConfig(_Section):
     """What annotators are shown per (class, feature) pair (docs/design.md §2)."""
 
-    images_per_pair: int = Field(5, gt=0, description="top images shown per pair")
-    attack_steps: int = Field(100, ge=0, description="feature-attack steps")
+    images_per_pair: int = Field(5, gt=0, le=MAX_TOP_K, description="top images shown per pair")
+    attack_steps: int = Field(100, ge=0, le=MAX_STEPS, description="feature-attack steps")
     attack_step_size: float = Field(10.0, gt=0, description="L2 step size of the feature attack")
     base_url: str | None = Field(None, description="public URL prefix of the discover/ folder for task rows")
 
@@ -209,22 +232,22 @@ class AnnotationsConfig(_Section):
     """Human answers and the labelling rule."""
 
     answers: list[str] = Field(default_factory=list, description="answer CSVs in the paper's schema", json_schema_extra=BY_CONTENT)
-    min_answers: int = Field(5, gt=0, description="pairs with fewer answers are labelled insufficient")
-    simulated_workers: int = Field(5, gt=0, description="workers per pair of the simulated annotator")
+    min_answers: int = Field(5, gt=0, le=MAX_STEPS, description="pairs with fewer answers are labelled insufficient")
+    simulated_workers: int = Field(5, gt=0, le=MAX_STEPS, description="workers per pair of the simulated annotator")
     simulated_noise: float = Field(0.1, ge=0, le=1, description="chance a simulated worker answers at random")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
 class GeneralizeConfig(_Section):
     """Soft masks for the top images of every labelled pair (docs/design.md §2, §3)."""
 
-    images_per_pair: int = Field(65, gt=0, description="top images per pair that get a mask")
+    images_per_pair: int = Field(65, gt=0, le=MAX_TOP_K, description="top images per pair that get a mask")
     candidates: Literal["label", "label_and_prediction", "prediction"] = Field(
         "label",
         description="which images may get a pair's masks: filed under its class (as in the paper's release), "
         "filed under and predicted as it, or predicted as it",
     )
-    masks_per_shard: int = Field(256, gt=0, description="masks per Zarr shard object (one writer each)")
+    masks_per_shard: int = Field(256, gt=0, le=MAX_BATCH, description="masks per Zarr shard object (one writer each)")
     compression: Literal["zstd", "lz4"] = Field(
         "zstd",
         description="how each mask is compressed in the Zarr store: zstd (level 1) or lz4 (Blosc, level 9: twice "
@@ -257,13 +280,13 @@ class EvaluateConfig(_Section):
 
     models: list[EvalModelConfig] = Field(default_factory=list)
     sigmas: list[float] = Field(default_factory=lambda: [0.25], description="noise levels")
-    trials: int = Field(1, gt=0, description="noise draws per image, averaged")
-    seed: int = 0
+    trials: int = Field(1, gt=0, le=MAX_STEPS, description="noise draws per image, averaged")
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     mask_alignment: Literal["crop", "reference"] = Field(
         "crop", description="crop: masks as stored; reference: Resize/CenterCrop again, as the original release's loader does"
     )
     # The noise of an image depends on (seed, trial, image_id) alone, so blocks change no result.
-    images_per_block: int = Field(128, gt=0, description="images per work item on the actor pool", json_schema_extra=OMIT)
+    images_per_block: int = Field(128, gt=0, le=MAX_BATCH, description="images per work item on the actor pool", json_schema_extra=OMIT)
 
     @field_validator("sigmas")
     @classmethod
@@ -302,6 +325,7 @@ class Config(BaseModel):
     def _output_not_empty(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():
             raise ValueError("must not be empty")
+        _no_credentials(value)
         return value
 
     @model_validator(mode="after")
@@ -365,9 +389,15 @@ def _format_errors(exc: ValidationError, raw: dict[str, Any]) -> list[str]:
 
 
 def show(value: Any) -> str:
-    """``repr(value)``, cut to at most :data:`SHOW_CHARS` characters (values come from a config,
-    which can hold no aliases: their repr is no larger than the config)."""
-    text = repr(value)
+    """``repr(value)`` as :func:`cut` shows it (values come from a config, which can hold no
+    aliases: their repr is no larger than the config)."""
+    return cut(repr(value))
+
+
+def cut(text: str) -> str:
+    """``text`` on one line, with the credentials of any URI in it hidden, cut to at most
+    :data:`SHOW_CHARS` characters."""
+    text = storage.redact(" ".join(text.splitlines()))
     return text if len(text) <= SHOW_CHARS else text[: SHOW_CHARS - 1] + "…"
 
 
@@ -490,6 +520,8 @@ def load(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
     Relative local paths in the file are relative to the file; in overrides, to the working directory.
     """
     raw: dict[str, Any] = {}
+    if path is not None and storage.has_credentials(path):
+        raise ConfigError([f"config file {show(path)}: {CREDENTIALS_HINT}"])
     if path is not None:
         try:
             text = storage.read_input_file(path, MAX_CONFIG_BYTES).decode("utf-8")

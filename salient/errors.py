@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+# What to say of a path whose symbolic links lead back to themselves (ELOOP).
+LINK_LOOP = "a symbolic link that leads back to itself (a link loop); point it at a real file or folder"
+
 
 class UserError(Exception):
     """A problem with the user's config, inputs, permissions or cluster, not with Salient."""

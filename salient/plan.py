@@ -3,7 +3,8 @@
 Order: sorted class folders (the label is the folder's position), then sorted file names; only
 files directly inside a class folder with extension ``.jpeg .jpg .png`` (any case) are taken.
 Everything else found there (other files, nested folders, files beside the class folders, names
-that could not be used as a path) is listed as skipped, with a reason, in the plan's metadata.
+that could not be used as a path or are not UTF-8, entries that are no regular file) is listed as
+skipped, with a reason, in the plan's metadata.
 ``image_id`` is the position in this listing. A shard is a run of at most ``shard_size`` images of
 one class, so images added to one class change only that class's shards.
 """
@@ -11,6 +12,7 @@ one class, so images added to one class change only that class's shards.
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -60,14 +62,35 @@ def _version(entry: dict) -> str:
     return ""
 
 
+NOT_UTF8 = "the file name is not valid UTF-8; rename it"
+
+
+def _is_utf8(name: str) -> bool:
+    """Whether ``name`` can be stored as text: a local name that is not UTF-8 holds lone surrogates."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(name: str) -> str:
+    """``name`` as UTF-8 text, each byte that is not UTF-8 as ``\\xNN``."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def _list_class(fs, folder: str, wnid: str) -> tuple[list[tuple[str, int, str]], list[tuple[str, str]]]:
     files: list[tuple[str, int, str]] = []
     skipped: list[tuple[str, str]] = []
     for e in storage.ls_detail(fs, folder):
         name = posixpath.basename(e["name"].rstrip("/"))
         rel = f"{wnid}/{name}"
-        if e["type"] != "file":
+        if not _is_utf8(name):
+            skipped.append((_shown(rel), NOT_UTF8))
+        elif e["type"] == "directory":
             skipped.append((f"{rel}/", "a folder inside a class folder: images must sit directly in <root>/<wnid>/"))
+        elif e["type"] != "file":
+            skipped.append((rel, "not a regular file (a link, a pipe, a socket or a device): images must be regular files"))
         elif not name.lower().endswith(IMAGE_EXTENSIONS):
             skipped.append((rel, f"not an image file name: the extension is not one of {' '.join(IMAGE_EXTENSIONS)}"))
         else:
@@ -87,12 +110,17 @@ def list_images(root: str, threads: int = 32) -> Listing:
     if not fs.isdir(path):
         raise InputError(f"dataset root {root!r} does not exist or is not a directory")
     entries = storage.ls_detail(fs, path)
-    folders = sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory")
-    skipped = [
-        (posixpath.basename(e["name"].rstrip("/")), "a file beside the class folders: images must sit in <root>/<wnid>/")
-        for e in entries
-        if e["type"] != "directory"
-    ]
+    folders: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    for e in entries:
+        name = posixpath.basename(e["name"].rstrip("/"))
+        if not _is_utf8(name):
+            skipped.append((_shown(name) + ("/" if e["type"] == "directory" else ""), NOT_UTF8))
+        elif e["type"] == "directory":
+            folders.append(name)
+        else:
+            skipped.append((name, "a file beside the class folders: images must sit in <root>/<wnid>/"))
+    folders.sort()
     if not folders:
         raise InputError(f"dataset root {root!r} has no class folders; expected <root>/<wnid>/<image>")
     for wnid in folders:

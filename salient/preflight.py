@@ -8,6 +8,7 @@ kept in the :class:`Preflight` it returns, which the run uses instead of reading
 
 from __future__ import annotations
 
+import errno
 import hashlib
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
@@ -15,8 +16,8 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, PrivateAttr
 
 from salient import storage
-from salient.config import IMAGE_EXTENSIONS, MAX_CHECKPOINT_BYTES, SECTIONS, Config
-from salient.errors import ConfigError
+from salient.config import IMAGE_EXTENSIONS, MAX_CHECKPOINT_BYTES, SECTIONS, Config, cut, show
+from salient.errors import LINK_LOOP, ConfigError
 
 if TYPE_CHECKING:
     from salient.models import SalientModel
@@ -103,6 +104,10 @@ def _checkpoint_problem(checkpoint: str) -> str | None:
         problem = storage.input_file_problem(checkpoint, MAX_CHECKPOINT_BYTES)
     except FileNotFoundError:
         return None  # said by the loader, with what to do
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        problem = LINK_LOOP
     return None if problem is None else f"checkpoint {checkpoint!r}: {problem}"
 
 
@@ -155,7 +160,7 @@ def check_output(cfg: Config) -> list[str]:
     try:
         storage.check_writable(cfg.output)
     except Exception as exc:  # noqa: BLE001 -- report any storage failure against the key
-        return [f"output = {cfg.output!r}: not writable ({type(exc).__name__}: {exc})"]
+        return [f"output = {show(cfg.output)}: not writable ({type(exc).__name__}: {cut(str(exc))})"]
     return []
 
 

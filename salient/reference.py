@@ -37,6 +37,12 @@ WRITE_THREADS = 16
 
 OTHER_CLASS = "filed under another class folder"
 NOT_LOADABLE = f"not <wnid>/<name>{EXTENSION}, the only path the loader opens"
+NOT_A_STRING = f"a name pandas reads from {NAMES_MAP} as a number or as missing, so the loader cannot open it"
+# The strings pandas.read_csv reads as missing by default.
+PANDAS_NA = frozenset({
+    "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+    "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null",
+})
 
 
 def mask_path(wnid: str, feature: int, name: str) -> str:
@@ -52,7 +58,17 @@ def loadable_name(relpath: str, wnid: str) -> tuple[str | None, str | None]:
     name, ext = posixpath.splitext(base)
     if ext != EXTENSION or not name:
         return None, NOT_LOADABLE
+    if name in PANDAS_NA or _is_number(name):
+        return None, NOT_A_STRING
     return name, None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _csv(rows: list[list[str]]) -> bytes:
@@ -65,8 +81,9 @@ def export_reference(root: str, dest: str) -> dict:
     """Write the masks of a build under ``dest`` in the release's layout, so that its loader opens
     them: ``wordnet_dict.py``, ``<wnid>/image_names_map.csv`` and ``<wnid>/feature_<j>/<name>.JPEG``.
 
-    Only masks of images the loader can open as ``train/<wnid>/<name>.JPEG`` are exported; the
-    others are listed in ``left_out.csv`` (wnid, feature_index, relpath, reason) and counted in the
+    Only masks of images the loader can open as ``train/<wnid>/<name>.JPEG`` are exported (with a
+    name pandas reads back as that string); a column shorter than others of its class repeats its
+    last name, so that the loader reads no empty cell. The others are listed in ``left_out.csv`` (wnid, feature_index, relpath, reason) and counted in the
     summary. ``root`` is an output root (its ``latest`` build is exported) or a build directory.
     """
     m = SalientMasks(root)
@@ -97,7 +114,9 @@ def export_reference(root: str, dest: str) -> dict:
     _write_masks(m, target)
     for wnid, names in maps.items():
         depth = max(len(v) for v in names.values())
-        rows = [[str(j) for j in names]] + [[v[k] if k < len(v) else "" for v in names.values()] for k in range(depth)]
+        # The loader reads every cell of a column and an empty one as NaN: a shorter column repeats
+        # its last name, which gives that image the same feature's mask again (a no-op in its maximum).
+        rows = [[str(j) for j in names]] + [[v[min(k, len(v) - 1)] for v in names.values()] for k in range(depth)]
         storage.write_bytes_atomic(storage.join(dest, wnid, NAMES_MAP), _csv(rows))
     written = len(target)
     literal = "{\n" + "".join(f"    {c}: {wnids[c]!r},\n" for c in sorted(wnids)) + "}\n"
@@ -183,7 +202,7 @@ def _release_rows(release: str, wnids: dict[int, str], known: dict[int, str] | N
             except ValueError:
                 reject(wnid, None, None, f"column {head!r} of {NAMES_MAP} is not a feature index")
                 continue
-            names = [r[col] for r in body if col < len(r) and r[col]]
+            names = list(dict.fromkeys(r[col] for r in body if col < len(r) and r[col]))  # an export repeats a short column's last name
             listed += [(c, wnid, j, rank, name) for rank, name in enumerate(names, start=1)]
 
     def load(item: tuple[int, str, int, int, str]) -> tuple[np.ndarray | None, str | None]:

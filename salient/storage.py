@@ -364,6 +364,21 @@ def read_json_many(uris: Sequence[str]) -> list[Any]:
     return out
 
 
+# The user-info part of a URI (``scheme://user:password@host``): credentials, never shown. Matched
+# from the "://" on, without the scheme: a search for schemes would take quadratic time on long texts.
+_USERINFO = re.compile(r"://[^/?#@\s'\"]*@")
+
+
+def has_credentials(uri: str) -> bool:
+    """Whether ``uri`` carries a user name or password (``scheme://user:password@host/...``)."""
+    return _USERINFO.search(uri) is not None
+
+
+def redact(text: str) -> str:
+    """``text`` with the user name and password of every URI in it replaced by ``***``."""
+    return _USERINFO.sub("://***@", text)
+
+
 def check_writable(uri: str) -> None:
     """Raise ``OSError`` (or the filesystem's error) unless an object can be written under ``uri``."""
     probe = join(uri, f".salient-write-probe-{uuid.uuid4().hex}")

@@ -14,7 +14,8 @@ validated against the build; text fields refuse control characters. With a token
 needs it (header ``X-Salient-Token``, ``Authorization: Bearer``, or the HttpOnly cookie set by posting
 it once to the ``/login`` form); a token in a URL is never accepted, and the access log shows no query
 strings. Bound to a loopback address, requests must name a loopback host (no DNS rebinding); elsewhere a
-token is required. Headers and bodies that do not arrive within ``read_timeout_s`` end the connection.
+token is required. Headers and bodies that do not arrive within ``read_timeout_s`` end the connection;
+more than 100 headers or 16 KiB of them are a 431.
 """
 
 from __future__ import annotations
@@ -42,13 +43,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fsspec.implementations.local import LocalFileSystem
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError, field_validator
 from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from salient import builds, ingest, storage, tables
 from salient.agreement import fleiss_kappa
-from salient.answers import ANSWERS, CONFIDENCE_MAX, CONFIDENCE_MIN, CONTROL, MAX_ID
+from salient.answers import ANSWERS, CONFIDENCE_MAX, CONFIDENCE_MIN, CONTROL, MAX_ID, worker_identity
 from salient.app.book import STATES, AnswerBook, Conflict, Pair, read_pairs
 from salient.app.examples import ClassExamples
 from salient.config import Config
@@ -59,6 +61,7 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 64 * 1024
 MAX_LOGIN_BYTES = 4 * 1024
 MAX_HEADER_BYTES = 16 * 1024
+MAX_HEADERS = 100
 READ_TIMEOUT_S = 10.0
 MAX_REASON_CHARS = 2000
 MIN_TOKEN_CHARS = 16
@@ -165,7 +168,8 @@ def settings_from_config(
     )
 
 
-WorkerId = Annotated[str, StringConstraints(pattern=WORKER_ID_PATTERN)]
+# The pattern allows ASCII only, so worker_identity (the rule of answer files) never refuses what it gets.
+WorkerId = Annotated[str, StringConstraints(pattern=WORKER_ID_PATTERN), AfterValidator(worker_identity)]
 _WORKER_ID = TypeAdapter(WorkerId)
 
 
@@ -370,6 +374,7 @@ def create_app(settings: AppSettings) -> FastAPI:
             raise _invalid("q", f"the search holds the control character U+{ord(bad.group()):04X}; search for plain text")
         if state == "mine" and worker is None:
             raise _invalid("worker", "state=mine lists the pairs a worker answered: add worker=YOUR_WORKER_ID")
+        worker = worker and worker_identity(worker)
         matching = book.select(q.strip(), state, worker)
         pages = max(1, -(-len(matching) // PAGE_SIZE))
         if number > pages:
@@ -449,7 +454,7 @@ def create_app(settings: AppSettings) -> FastAPI:
     def progress(worker_id: str | None = None, pairs_shown: PairList = None) -> JSONResponse:
         if worker_id is not None:
             try:
-                _WORKER_ID.validate_python(worker_id)
+                worker_id = _WORKER_ID.validate_python(worker_id)
             except ValidationError as exc:
                 return JSONResponse({"detail": _problems(exc)}, status_code=422)
         among = _pair_keys(pairs_shown) if pairs_shown is not None else None
@@ -527,6 +532,27 @@ class HeaderDeadline(H11Protocol):
             self.transport.close()
 
 
+class HeaderLimits:
+    """ASGI middleware answering 431 (and closing the connection) to a request with more than
+    :data:`MAX_HEADERS` headers or more than :data:`MAX_HEADER_BYTES` of them, names and values."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = scope["headers"]
+            size = sum(len(name) + len(value) + 4 for name, value in headers)  # as sent: "name: value\r\n"
+            if len(headers) > MAX_HEADERS or size > MAX_HEADER_BYTES:
+                detail = (
+                    f"the request has {len(headers)} headers of {size:,} bytes; at most {MAX_HEADERS} headers "
+                    f"of {MAX_HEADER_BYTES:,} bytes in all are accepted: send fewer or shorter headers (clear this site's cookies)"
+                )
+                await JSONResponse({"detail": detail}, status_code=431, headers={"Connection": "close"})(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class RedactedAccessLog(logging.Filter):
     """Shows uvicorn's access-log lines (``client - "METHOD path HTTP/v" status``, the path percent-encoded)
     with any query string as ``?[redacted]``."""
@@ -543,12 +569,13 @@ _ACCESS_FILTER = RedactedAccessLog()
 
 def server(settings: AppSettings, host: str = "127.0.0.1", port: int = 8000) -> uvicorn.Server:
     """The uvicorn server of the app on ``host:port``, not started: a loopback host admits only loopback Host
-    headers; headers and bodies must arrive within ``settings.read_timeout_s``."""
+    headers; headers and bodies must arrive within ``settings.read_timeout_s``; headers are limited by
+    :class:`HeaderLimits` (and by h11 while they arrive)."""
     check_access(host, settings.token)
     if is_loopback(host):
         settings = dataclasses.replace(settings, allowed_hosts=(*LOOPBACK_HOSTS, host))
     config = uvicorn.Config(
-        create_app(settings), host=host, port=port, http=HeaderDeadline, server_header=False, log_level="info",
+        HeaderLimits(create_app(settings)), host=host, port=port, http=HeaderDeadline, server_header=False, log_level="info",
         timeout_keep_alive=settings.read_timeout_s, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
     )
     logging.getLogger("uvicorn.access").addFilter(_ACCESS_FILTER)  # after the Config has set uvicorn's logging up

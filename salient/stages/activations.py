@@ -4,6 +4,8 @@ prediction of every image, one shard per work item on the GPU workers."""
 from __future__ import annotations
 
 import functools
+import re
+from collections import Counter
 
 from salient import activations, builds, storage, tables
 from salient import plan as planmod
@@ -16,6 +18,22 @@ def _runner(
     model: ModelConfig, preprocess: PreprocessConfig, compute: ComputeConfig, stored: ActivationsConfig, threads: int | None,
 ) -> activations.ActivationRunner:
     return activations.ActivationRunner(model, preprocess, compute, threads=threads, dtype=stored.dtype)
+
+
+def _all_failed(stats: list[dict], summary: dict) -> str:
+    """The message of a build where every planned image failed: the most common reason and where
+    the failures are listed."""
+    reasons = [f["reason"] for s in stats for f in s.get("failures", [])]
+    # Reasons name each image's own sizes: counted with the numbers left out, shown with one image's.
+    by_kind = {re.sub(r"\d[\d,.]*", "#", r): r for r in reversed(reasons)}
+    kind, count = Counter(re.sub(r"\d[\d,.]*", "#", r) for r in reasons).most_common(1)[0]
+    lists = summary["failure_lists"]
+    more = f" and the {len(lists) - 1} other part-NNNNN.json files beside it" if len(lists) > 1 else ""
+    return (
+        f"all {summary['planned']} planned images failed, so nothing is published; the most common reason "
+        f"({count} images): {by_kind[kind]}; every failure is listed in {lists[0]}{more}; "
+        "fix the preprocess settings or the dataset and run again"
+    )
 
 
 class Activations(Stage):
@@ -73,6 +91,8 @@ class Activations(Stage):
     def commit(self, run: Run, results: list[tuple[Item, dict, str]]) -> dict:
         summary = activations.summarize([r for _, r, _ in results], run.build)
         summary["computed_shards"] = sum(origin == "computed" for _, _, origin in results)
+        if summary["planned"] and not summary["images"]:
+            raise InputError(_all_failed([r for _, r, _ in results], summary))
         if summary["failed"]:
             run.log.warning("%d images failed; they are listed in: %s", summary["failed"], ", ".join(summary["failure_lists"]))
         return summary

@@ -115,3 +115,23 @@ def test_check_inputs_names_what_is_wrong(tmp_path):
     ]:
         with pytest.raises(InputError, match=message):
             answers.check_inputs(*args, answers.INCOMING, "give files")
+
+
+@pytest.mark.parametrize("given", ["alice", "ALICE", "Alice", "\uff21\uff2c\uff29\uff23\uff25"])
+def test_one_worker_however_their_id_is_cased_or_which_width(given):
+    assert answers.worker_identity(given) == "alice"
+
+
+@pytest.mark.parametrize("given", ["\u0430lice", "jos\u00e9", "w\u200b1"])
+def test_worker_ids_outside_ascii_are_refused_with_what_they_are(given):
+    with pytest.raises(answers.Rejected) as caught:
+        answers.worker_identity(given)
+    assert caught.value.kind == "non_ascii_worker_id" and repr(given) in caught.value.reason
+
+
+def test_the_ledger_keeps_the_worker_identity(tmp_path):
+    ledger = answers.Ledger(CLASSES)
+    ledger.read(write_csv(tmp_path / "a.csv", [row("Bob", j="7"), row("BOB", j="8"), row("bob", j="7")]))
+    assert [(a.worker_id, a.feature_index) for a in ledger.accepted] == [("bob", 7), ("bob", 8)]
+    [again] = ledger.rejected
+    assert again.reason_kind == "duplicate_answer" and "'bob' already answered class 0 feature 7" in again.reason

@@ -752,3 +752,56 @@ def test_the_login_form_in_a_browser(app_world, browser, tmp_path):  # noqa: F81
         assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
         assert token not in driver.current_url and console_errors(driver) == []
         driver.delete_all_cookies()
+
+
+def _exchange(port: int, parts: list[bytes]) -> bytes:
+    """Send ``parts`` on one connection, a moment apart, then read until the server closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=8) as conn:
+        for part in parts:
+            try:
+                conn.sendall(part)
+            except (BrokenPipeError, ConnectionResetError):  # refused before the rest was sent
+                break
+            time.sleep(0.05)
+        got = b""
+        try:
+            while chunk := conn.recv(65536):
+                got += chunk
+        except ConnectionResetError:
+            pass
+    return got
+
+
+def test_too_many_or_too_large_headers_are_refused(app_world, tmp_path):
+    port = free_port()
+    get = b"GET /api/progress HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+    many = b"".join(b"X-Filler-%d: v\r\n" % i for i in range(5000))  # about 65 KB
+    cookie = b"Cookie: salient_token=" + b"a" * 37_000 + b"\r\n"
+    fine = b"".join(b"X-Filler-%d: v\r\n" % i for i in range(web.MAX_HEADERS - 3)) + b"Cookie: a=" + b"b" * 8000 + b"\r\n"
+    with _running(web.server(_settings(app_world, tmp_path), "127.0.0.1", port)):
+        for name, extra in (("5,000 headers", many), ("a 37 KB cookie", cookie), ("101 headers", many[: many.index(b"X-Filler-99:")])):
+            got = _exchange(port, [get + extra + b"\r\n"])
+            assert got.startswith(b"HTTP/1.1 431 "), (name, got[:200])
+            assert b"at most 100 headers" in got
+        # the same, arriving a piece at a time: h11 stops reading them past the limit
+        pieces = [get] + [cookie[k : k + 4096] for k in range(0, len(cookie), 4096)] + [b"\r\n"]
+        got = _exchange(port, pieces)
+        assert got.startswith((b"HTTP/1.1 431 ", b"HTTP/1.1 400 ")), got[:200]
+        got = _exchange(port, [get + fine + b"\r\n"])
+        assert got.startswith(b"HTTP/1.1 200 "), ("100 headers of about 9 KB pass", got[:200])
+    assert _incoming_rows(tmp_path) == []
+
+
+def test_worker_ids_follow_the_identity_rule_of_answer_files(app_world, tmp_path):
+    first, second = app_world.tasks[0], app_world.tasks[1]
+    _write_crowd(tmp_path, [_crowd_row(second, "CAROL", "background")])
+    client = TestClient(create_app(_settings(app_world, tmp_path)))
+    assert client.post("/api/answers", json=_answer(first, "ALICE")).status_code == 201
+    again = client.post("/api/answers", json=_answer(first, "alice", answer="background"))
+    assert again.status_code == 409 and "'alice' already labelled" in again.json()["detail"]
+    alice = client.get("/api/progress", params={"worker_id": "Alice"}).json()
+    assert alice["labelled_by_you"] == 1 and alice["answered"] == [f"{first['class_index']}/{first['feature_index']}"]
+    carol = client.get("/api/progress", params={"worker_id": "carol"}).json()
+    assert carol["answered"] == [f"{second['class_index']}/{second['feature_index']}"], "the crowd file's CAROL is carol"
+    assert client.post("/api/answers", json=_answer(second, "Carol")).status_code == 409
+    assert [r["WorkerId"] for r in _incoming_rows(tmp_path) if r["WorkerId"] != "CAROL"] == ["alice"]

@@ -1,15 +1,21 @@
 """Hostile and broken answer CSVs (wrong encodings, byte-order marks, binary data, huge fields that
-hide rows, stray quotes), files dropped for ingest that are not answer CSVs, and formula-looking
-cells in the task CSVs given to spreadsheet users."""
+hide rows, stray quotes, NUL bytes, bare carriage returns), answer paths and files dropped for
+ingest that are not answer CSVs (named pipes and folders too), and formula-looking cells in the
+task CSVs given to spreadsheet users."""
 
+import contextlib
 import csv
 import io
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
 from salient import discover, ingest, storage, tables
-from salient.answers import MAX_FIELD_CHARS, answer_files
+from salient.answers import MAX_FIELD_CHARS, Ledger, answer_files
 from salient.errors import InputError
 from salient.metadata import ClassInfo
 
@@ -196,3 +202,104 @@ def test_a_stray_quote_rejects_only_the_rows_it_makes_unreadable(tmp_path, stray
     accepted = storage.read_parquet(storage.join(out, ingest.ANSWERS_TABLE)).to_pylist()
     assert [(a["worker_id"], a["line"]) for a in accepted] == [("w0", 2), ("w1", 3), ("w3", 5), ("w4", 6), ("w5", 7)]
     assert summary["accepted"] == 5 and labels(out)[(0, 7)]["n_answers"] == 5
+
+
+@contextlib.contextmanager
+def within(seconds: int) -> Iterator[None]:
+    """Fail instead of hanging: opening a named pipe for reading waits for a writer."""
+    def too_slow(*_):
+        raise TimeoutError(f"ran past {seconds} s: a named pipe was opened")
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "device"])
+def test_an_answer_path_that_is_no_regular_file_is_refused_on_one_line(tmp_path, kind):
+    path = tmp_path / "answers.csv"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+        (path / "a.csv").write_text(csv_text([answer("w0")]), newline="")
+    else:
+        path = Path("/dev/zero")
+    good = tmp_path / "good.csv"
+    good.write_text(csv_text([answer("w0")]), newline="")
+    what = {"fifo": "a named pipe (FIFO)", "folder": "a folder", "device": "a character device"}[kind]
+    out = str(tmp_path / "out")
+    with within(5), pytest.raises(InputError) as caught:
+        ingest.ingest(out, [str(good), str(path)], CLASSES)
+    message = str(caught.value)
+    assert "\n" not in message and f"{path} is {what}" in message and "give CSV files" in message
+    assert not (tmp_path / "out" / "annotations").exists()
+
+
+def test_a_file_swapped_for_a_pipe_after_the_check_is_listed_not_read(tmp_path):
+    pipe = tmp_path / "answers.csv"
+    os.mkfifo(pipe)
+    ledger = Ledger(CLASSES)
+    with within(5):
+        ledger.read(str(pipe))
+    [entry] = ledger.rejected
+    assert (entry.file, entry.line, entry.reason_kind) == (str(pipe), 0, "not_an_answer_file")
+    assert "named pipe (FIFO), not a regular file" in entry.reason and ledger.accepted == []
+
+
+def test_pipes_links_and_empty_folders_in_incoming_are_listed_never_opened(tmp_path):
+    root = tmp_path / "out"
+    incoming = root / "annotations" / "incoming"
+    (incoming / "empty").mkdir(parents=True)
+    (incoming / "batch" / "deeper").mkdir(parents=True)  # holds only an empty folder
+    os.mkfifo(incoming / "pipe.csv")
+    os.mkfifo(incoming / "batch" / "pipe.csv")
+    (incoming / "good.csv").write_text(csv_text([answer(f"w{i}") for i in range(5)]), newline="")
+    (incoming / "link.csv").symlink_to(incoming / "good.csv")
+    with within(5):
+        files = answer_files(str(root))
+        assert [storage.basename(f) for f in files] == ["good.csv"]
+        out = str(tmp_path / "build")
+        summary = ingest.ingest(out, files, CLASSES, answers_root=str(root))
+    assert summary["accepted"] == 5
+    listed = {r["file"].removeprefix(str(incoming) + "/"): r for r in rejected(out)}
+    assert set(listed) == {"empty", "batch/deeper", "pipe.csv", "batch/pipe.csv", "link.csv"}
+    assert {(r["line"], r["reason_kind"]) for r in listed.values()} == {(0, "not_an_answer_file")}
+    assert "named pipe (FIFO)" in listed["pipe.csv"]["reason"] and "empty folder" in listed["empty"]["reason"]
+    assert "symbolic link" in listed["link.csv"]["reason"]
+
+
+def test_only_a_pipe_in_incoming_names_it_in_the_error(tmp_path):
+    incoming = tmp_path / "annotations" / "incoming"
+    incoming.mkdir(parents=True)
+    os.mkfifo(incoming / "answers.csv")
+    with within(5), pytest.raises(InputError, match=r"found only files that are not read: answers\.csv"):
+        ingest.ingest(str(tmp_path / "build"), answer_files(str(tmp_path)), CLASSES, answers_root=str(tmp_path))
+
+
+def test_a_nul_byte_rejects_its_row_and_in_the_header_the_file(tmp_path):
+    rows = csv_text([answer("w0"), answer("w1", reason="a\x00b"), answer("w2"), ["w3", "n01440764", "0", "7", "1", "main_object", "4", "fins", "x\x00"]])
+    (tmp_path / "row.csv").write_text(rows, encoding="utf-8", newline="")
+    (tmp_path / "header.csv").write_text(csv_text([answer("w4")]).replace("WorkerId", "Worker\x00Id", 1), newline="")
+    out = str(tmp_path / "out")
+    summary = ingest.ingest(out, [str(tmp_path / "row.csv"), str(tmp_path / "header.csv")], CLASSES)
+    got = sorted((storage.basename(r["file"]), r["line"], r["reason_kind"]) for r in rejected(out))
+    assert got == [("header.csv", 0, "unreadable_file"), ("row.csv", 3, "control_character"), ("row.csv", 5, "control_character")]
+    assert summary["accepted"] == 2, "w0 and w2"
+
+
+def test_a_bare_carriage_return_rejects_its_record_and_never_truncates_a_reason(tmp_path):
+    text = csv_text([answer("w0"), answer("w1", reason="fin"), answer("w2")]).replace(",fin\r\n", ",fin\rs and scales\r\n")
+    path = tmp_path / "answers.csv"
+    path.write_text(text, encoding="utf-8", newline="")
+    out = str(tmp_path / "out")
+    ingest.ingest(out, [str(path)], CLASSES)
+    [bad] = rejected(out)
+    assert (bad["line"], bad["reason_kind"]) == (3, "bare_carriage_return")
+    assert "carriage return (CR)" in bad["reason"] and "line 3 was not used" in bad["reason"]
+    accepted = storage.read_parquet(storage.join(out, ingest.ANSWERS_TABLE)).to_pylist()
+    assert [(a["worker_id"], a["reason"], a["line"]) for a in accepted] == [("w0", "fins", 2), ("w2", "fins", 4)]

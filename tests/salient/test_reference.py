@@ -5,6 +5,7 @@ import os
 from collections import defaultdict
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import pandas as pd
 from PIL import Image
@@ -158,3 +159,64 @@ def test_import_round_trips_an_export_and_evaluate_runs_on_it(tmp_path, capsys):
 
     cfg.evaluate.mask_alignment = "reference"  # another input of evaluate: nothing reused
     assert run_stages(cfg, "evaluate")["reused"] == 0
+
+
+def test_an_export_with_unequal_columns_gives_the_loader_no_blank_cell_and_imports_without_repeats(tmp_path):
+    import pyarrow.parquet as pq
+
+    from salient.aggregate import TOPK_CANDIDATES_TABLE
+    from salient.reference import _release_rows
+
+    root, out, ckpt = _build(tmp_path)
+    # class 1's second feature loses its last top image: its column is one name shorter than the first's
+    topk = pq.read_table(f"{out}/{TOPK_CANDIDATES_TABLE}").to_pylist()
+    second = max(r["feature_index"] for r in topk if r["class_index"] == 1)
+    last = max(r["rank"] for r in topk if (r["class_index"], r["feature_index"]) == (1, second))
+    kept = [r for r in topk if (r["class_index"], r["feature_index"], r["rank"]) != (1, second, last)]
+    pq.write_table(pa.Table.from_pylist(kept, schema=pq.read_schema(f"{out}/{TOPK_CANDIDATES_TABLE}")), f"{out}/{TOPK_CANDIDATES_TABLE}")
+    _generalize(root, out, ckpt)
+    store = SalientMasks(out)
+    dest = tmp_path / "release"
+    export_reference(out, str(dest))
+
+    expected: dict[tuple[int, int], set[str]] = defaultdict(set)  # what the build holds for the loader
+    for i in range(len(store)):
+        r = store.row(i)
+        if r["relpath"].startswith(r["wnid"] + "/"):
+            expected[(r["class_index"], r["feature_index"])].add(r["relpath"].split("/")[1].removesuffix(".JPEG"))
+    assert len(expected[(1, second)]) + 1 == max(len(v) for (c, _), v in expected.items() if c == 1)
+
+    for c in {c for c, _ in expected}:
+        wnid = f"n{c:04d}"
+        table = pd.read_csv(dest / wnid / "image_names_map.csv")
+        assert not table.isna().any().any()
+        for j in (j for k, j in expected if k == c):
+            listed = table[str(j)].to_numpy()
+            assert all(isinstance(name, str) and (dest / wnid / f"feature_{j}" / f"{name}.JPEG").exists() for name in listed)
+            assert set(listed) == expected[(c, j)]
+    # the loader itself, on every feature of class 1 at once
+    images_path = tmp_path / "imagenet"
+    images_path.mkdir()
+    os.symlink(root, images_path / "train")
+    features_of = defaultdict(set)
+    for (c, j), names in expected.items():
+        for name in names:
+            if c == 1:
+                features_of[name].add(j)
+    loaded = _loader_items(str(images_path), str(dest), 1, sorted({j for c, j in expected if c == 1}), CROP, CROP)
+    assert {name: set(per_feature) for _, name, _, per_feature in loaded} == features_of
+
+    rows, _, rejected = _release_rows(str(dest), {c: f"n{c:04d}" for c in range(3)}, None, str(root), CROP)
+    assert not rejected
+    assert sorted((r["class_index"], r["feature_index"], r["relpath"]) for r in rows) == sorted(
+        (c, j, f"n{c:04d}/{n}.JPEG") for (c, j), names in expected.items() for n in names
+    )
+    assert sorted(r["rank"] for r in rows if (r["class_index"], r["feature_index"]) == (1, second)) == list(range(1, len(expected[(1, second)]) + 1))
+
+
+@pytest.mark.parametrize("name", ["123", "0001", "1e5", "NA", "nan", "null", "None"])
+def test_a_name_pandas_would_not_read_back_as_that_string_is_left_out(name):
+    from salient.reference import NOT_A_STRING, loadable_name
+
+    assert loadable_name(f"n0001/{name}.JPEG", "n0001") == (None, NOT_A_STRING)
+    assert loadable_name("n0001/n0001_123.JPEG", "n0001") == ("n0001_123", None)
