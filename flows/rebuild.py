@@ -17,7 +17,7 @@ import time
 
 from prefect import flow, get_run_logger
 
-from salient import builds, preflight, storage, tables
+from salient import builds, preflight, stopping, storage, tables
 from salient import stages as registry
 from salient import config as cfgmod
 from salient.stage import Run
@@ -73,7 +73,10 @@ def rebuild_flow(
         checked = preflight.for_stages(config, selected)
     logger = get_run_logger()
     root = config.output
-    with builds.holding(root, f"salient run ({socket.gethostname()})", wait_s=wait_s) as lease, RayExecutor(config.compute) as executor:
+    # Prefect's SIGTERM handler is in place from here on: note a SIGTERM before it acts on it
+    with stopping.noting_sigterm(), builds.holding(
+        root, f"salient run ({socket.gethostname()})", wait_s=wait_s,
+    ) as lease, RayExecutor(config.compute) as executor:
         layout = builds.start_run(root) if full else builds.open_current(root)
         logger.info("build %s under %s: %s", layout.build_id, root, ", ".join(s.name for s in selected))
         run = Run(config, layout, checked, executor, logger)

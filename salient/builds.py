@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from salient import storage, tables
+from salient import stopping, storage, tables
 from salient.errors import Busy, InputError
 
 log = logging.getLogger(__name__)
@@ -404,7 +404,8 @@ def acquire_lease(root: str, owner: str, ttl_s: float = LEASE_TTL_S, wait_s: flo
                 f"another rebuild holds {root!r}: {body.get('owner')} on {body.get('host')} (pid {body.get('pid')}), "
                 f"lease until {until} unless renewed. Wait for it to finish, or run again with --wait SECONDS"
             )
-        time.sleep(poll_s)
+        with stopping.interruptible():
+            time.sleep(poll_s)
 
 
 def save_entry(root: str, stage: str, key: str, src: str, rels: list[str], meta: dict | None = None) -> str:

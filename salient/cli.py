@@ -8,16 +8,14 @@ import errno
 import importlib
 import logging
 import os
-import signal
 import sys
 import tempfile
-import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from salient import config as cfgmod
-from salient import preflight, resources, storage, tables
+from salient import preflight, resources, stopping, storage, tables
 from salient.errors import LINK_LOOP, ConfigError, InputError, UserError
 
 # Local-run defaults (docs/design.md §4): no telemetry, Ray kept on loopback with auth off.
@@ -31,7 +29,7 @@ LOCAL_ENV_DEFAULTS = {
 
 EXIT_BUG = 1  # an unexpected exception: a bug in Salient
 EXIT_STORE = 4  # a store refused a read or a write (permissions, a full disk, ...)
-EXIT_SIGTERM = 128 + signal.SIGTERM
+EXIT_SIGTERM = stopping.EXIT_CODE
 STOPPED = "salient: stopped (SIGTERM); finished work is kept, the next run resumes it"
 
 
@@ -57,43 +55,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-class Stopped(BaseException):
-    """A SIGTERM, raised in the main thread so that every ``with`` and ``finally`` on the way out
-    (Ray's shutdown, the lease's release) runs; a BaseException, so no stage retry catches it."""
-
-
 @contextmanager
 def _sigterm_stops() -> Iterator[None]:
     """While the block runs, SIGTERM stops it in order: an exception in the main thread unwinds
-    it, then the command prints :data:`STOPPED` and exits with :data:`EXIT_SIGTERM`."""
-    from prefect.exceptions import TerminationSignal
-
-    if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
-        yield
-        return
-    received = threading.Event()
-
-    def stop(signum: int, frame: object) -> None:
-        if not received.is_set():  # a second one must not cut the cleanup of the first short
-            received.set()
-            raise Stopped()
-
-    previous = signal.signal(signal.SIGTERM, stop)
+    it, then the command prints :data:`STOPPED` and exits with :data:`EXIT_SIGTERM`, whatever the
+    exception became on the way out (Prefect's TerminationSignal, Ray's SystemExit)."""
     try:
-        yield
-    # Others replace this handler while the flow runs: Prefect's raises TerminationSignal (and sends
-    # SIGTERM again once out of the flow), the Ray driver's calls sys.exit(SIGTERM).
-    except (Stopped, TerminationSignal):
-        stopped = True
-    except SystemExit as exc:
-        if exc.code != signal.SIGTERM:
+        with stopping.noting_sigterm():
+            yield
+    except BaseException:
+        if not stopping.received():
             raise
-        stopped = True
-    else:
-        stopped = False
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    if stopped:
+    if stopping.received():
         print(STOPPED, file=sys.stderr)
         raise SystemExit(EXIT_SIGTERM)
 

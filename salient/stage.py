@@ -31,7 +31,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-from salient import builds, storage, tables
+from salient import builds, stopping, storage, tables
 from salient.config import Config, identity
 from salient.preflight import Preflight
 
@@ -291,6 +291,7 @@ def keep(run: Run, stage: Stage, item: Item, result: dict) -> str:
 
 def execute(stage: Stage, run: Run) -> dict:
     """Run ``stage`` in ``run``, taking what was made before from the build or the cache."""
+    stopping.check()
     items = stage.plan(run)
     results: dict[str, tuple[Item, dict, str]] = {}
     missing: list[Item] = []
@@ -323,6 +324,7 @@ def execute(stage: Stage, run: Run) -> dict:
                 results[item.marker] = (item, result, "computed")
                 stage.on_result(run, item, result)
                 advance(item.size)
+                stopping.check()
 
             stage.compute(run, todo, done)
     builds.record_cache_use(run.build, [f"{stage.name}/{item.key}" for item in items])

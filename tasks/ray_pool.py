@@ -19,12 +19,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import ray
+import ray._private.utils
 from ray.autoscaler.sdk import request_resources
 from ray.exceptions import RayActorError, RayTaskError
 
 from salient.config import ComputeConfig
 from salient.errors import ConfigError, Unreachable
-from salient import resources
+from salient import resources, stopping
 from salient.resources import WorkerResources, plan_workers
 from salient.stage import ITEMS_PER_WORKER, Builder, OnResult, PoolResult, reason_of
 
@@ -98,6 +99,20 @@ def wait_reachable(address: str, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -
 
 
 @contextmanager
+def _sigterm_left_alone() -> Iterator[None]:
+    """``ray.init`` that keeps the process's SIGTERM handler: Ray's, installed first thing, calls
+    ``sys.exit`` wherever the main thread is (inside a fork hook, holding the logging module's lock)
+    and can hang the exit; a run stops in order instead (salient.stopping)."""
+    utils = ray._private.utils
+    installs = utils.set_sigterm_handler
+    utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        utils.set_sigterm_handler = installs
+
+
+@contextmanager
 def ray_cluster(address: str | None = None, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> Iterator[dict[str, float]]:
     """Use the running Ray, connect to ``address``, or start a private local Ray (stopped on exit).
 
@@ -106,11 +121,12 @@ def ray_cluster(address: str | None = None, connect_timeout_s: float = DEFAULT_C
     """
     started = False
     if not ray.is_initialized():
-        if address:
-            wait_reachable(address, connect_timeout_s)
-            ray.init(address=address, logging_level=logging.WARNING, runtime_env={"env_vars": resources.worker_env()})
-        else:
-            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, runtime_env={"env_vars": resources.worker_env()})
+        with _sigterm_left_alone():
+            if address:
+                wait_reachable(address, connect_timeout_s)
+                ray.init(address=address, logging_level=logging.WARNING, runtime_env={"env_vars": resources.worker_env()})
+            else:
+                ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, runtime_env={"env_vars": resources.worker_env()})
         started = True
     try:
         yield dict(ray.cluster_resources())
@@ -213,7 +229,8 @@ def await_gpus(gpus: float, totals: dict[str, float], timeout_s: float) -> dict[
                 totals.get("GPU", 0.0), gpus, timeout_s,
             )
             break
-        time.sleep(min(SCALE_POLL_S, max(0.0, deadline - time.monotonic())))
+        with stopping.interruptible():
+            time.sleep(min(SCALE_POLL_S, max(0.0, deadline - time.monotonic())))
         totals = dict(ray.cluster_resources())
     return totals
 
@@ -297,7 +314,8 @@ def run_pool(
             if not inflight and not starting:
                 give_up(f"no worker could be started ({start_failures} tries; the last: {last_start_error})")
                 break
-            ready, _ = ray.wait([*inflight, *starting], num_returns=1, timeout=None if inflight else start_timeout_s)
+            with stopping.interruptible():
+                ready, _ = ray.wait([*inflight, *starting], num_returns=1, timeout=None if inflight else start_timeout_s)
             if not ready:
                 give_up(
                     f"no worker started within {start_timeout_s:g} s: the Ray cluster has no room for one with "
@@ -358,7 +376,8 @@ def ray_map(fn: Callable[..., Any], args: Sequence[tuple], window: int | None = 
     pending = iter(args)
     inflight = [remote.remote(*a) for a in itertools.islice(pending, window)]
     while inflight:
-        ready, inflight = ray.wait(inflight, num_returns=1)
+        with stopping.interruptible():
+            ready, inflight = ray.wait(inflight, num_returns=1)
         nxt = next(pending, None)
         if nxt is not None:
             inflight.append(remote.remote(*nxt))
