@@ -61,6 +61,7 @@ MAX_STEPS = 100_000  # attack steps, noise trials, simulated workers, answers ne
 MAX_WORKERS = 4_096  # Ray workers, GPUs requested, CPUs or GPUs per worker, decoding threads
 MAX_WAIT_S = 86_400.0  # seconds to wait for a cluster or for GPUs
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeds
+MAX_MEMORY_GB = 65_536.0  # memory one worker may take for one step
 
 
 CREDENTIALS_HINT = (
@@ -169,6 +170,12 @@ class ComputeConfig(_Section):
     )
     scale_up_timeout_s: float = Field(
         900.0, gt=0, le=MAX_WAIT_S, description="how long a stage waits for compute.request_gpus to arrive before running on the GPUs there are",
+        json_schema_extra=OMIT,
+    )
+    attack_memory_gb: float | None = Field(
+        None, gt=0, le=MAX_MEMORY_GB,
+        description="memory (GiB) discover's feature attack may take at once, which sets how many images it back-propagates "
+        "through together; default: half the GPU's free memory, or half the host's available memory on a CPU",
         json_schema_extra=OMIT,
     )
 

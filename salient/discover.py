@@ -24,11 +24,11 @@ import pyarrow.compute as pc
 import torch
 from PIL import Image
 
-from salient import attack, masks, nam, storage, stream, tables
+from salient import attack, masks, nam, resources, storage, stream, tables
 from salient.answers import csv_safe
 from salient.config import ComputeConfig, DiscoverConfig, ModelConfig, PreprocessConfig
 from salient.inference import Inference
-from salient.stream import Feed, HostCopies, ImageStream, decode_threads
+from salient.stream import Feed, HostCopies, ImageStream, consecutive_groups, decode_threads
 
 CODE_VERSION = "discover-2"  # 2: a checkpoint's own normaliser is used
 STRIPS = ("images", "heatmaps", "attacks")
@@ -99,19 +99,22 @@ def png_strip(tiles: Sequence[np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
+def attack_budget(compute: ComputeConfig, device: str) -> int:
+    """Bytes the feature attack may take at once on ``device``: ``compute.attack_memory_gb``, else
+    half the GPU's free memory, or half the host's available memory."""
+    if compute.attack_memory_gb is not None:
+        return int(compute.attack_memory_gb * 2**30)
+    if torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    return resources.available_memory() // 2
+
+
 def group_classes(works: Sequence[ClassWork], rows: int) -> list[list[ClassWork]]:
     """``works`` in order, consecutive classes together while their images shown add up to at most
     ``rows``; a class with more is alone."""
-    groups: list[list[ClassWork]] = []
-    size = 0
-    for work in works:
-        n = sum(len(p.relpaths) for p in work.pairs)
-        if not groups or size + n > rows:
-            groups.append([])
-            size = 0
-        groups[-1].append(work)
-        size += n
-    return groups
+    sizes = [sum(len(p.relpaths) for p in work.pairs) for work in works]
+    return [[works[i] for i in group] for group in consecutive_groups(sizes, rows)]
 
 
 @dataclass
@@ -147,6 +150,8 @@ class DiscoverRunner:
         threads = decode_threads(self.compute, self.threads)
         self.stream = ImageStream(None, self.preprocess, self.inference.device, self.compute.batch_size, threads)
         self.encoders = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="png")
+        per_image = attack.bytes_per_image(self.inference.net, self.preprocess.crop, self.inference.device)
+        self.attack_rows = attack.rows_per_chunk(attack_budget(self.compute, self.inference.device), per_image, self.compute.batch_size)
 
     def __call__(self, works: Sequence[ClassWork]) -> list[dict]:
         """Make and write the assets of every pair of ``works`` (classes of one dataset root);
@@ -187,7 +192,10 @@ class DiscoverRunner:
                 low, up = nam.nams(torch.cat(maps)[rows], idx, (crop, crop))
             with self.inference.autocast():
                 x = self.inference.unit(pixels[rows])
-                amplified = attack.feature_attack(self.inference.net, x, idx, self.cfg.attack_steps, self.cfg.attack_step_size)
+                amplified = attack.feature_attack(
+                    self.inference.net, x, idx, self.cfg.attack_steps, self.cfg.attack_step_size,
+                    chunk=self.attack_rows, pad=self.inference.pads,
+                )
             out = _Outputs(copies.add(pixels), image_of, copies.add(low), copies.add(up), copies.add(masks.quantize(amplified)))
         copies.wait()
         return out

@@ -147,6 +147,26 @@ def fast_decodable(img: Image.Image) -> bool:
     return img.format == "JPEG" and img.mode == "RGB"
 
 
+def jpeg_complete(data: bytes) -> bool:
+    """Whether a JPEG's bytes reach an end-of-image marker after its first scan: a file cut short
+    has none, and a GPU decoder may return its pixels where PIL refuses it as truncated."""
+    pos = 2  # after SOI
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return False
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xDA:  # start of scan: entropy-coded data follows, in which FF D9 cannot occur
+            return data.find(b"\xff\xd9", pos + 2) != -1
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            pos += 2
+            continue
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return False
+
+
 def decode_jpeg_cpu(data: bytes) -> torch.Tensor:
     """An RGB JPEG decoded by libjpeg-turbo (``torchvision.io``): uint8 ``[3, H, W]``."""
     from torchvision.io import ImageReadMode, decode_jpeg

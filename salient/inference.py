@@ -2,14 +2,20 @@
 
 The model is loaded once, on the worker's device, in channels-last layout with BatchNorm folded
 into the convolutions (ResNet-like networks), under ``compute.precision`` (autocast) and, with
-``compute.compile``, ``torch.compile`` d with batches padded to ``compute.batch_size`` so that every
-call has one static shape. It takes uint8 pixels on the device and scales them to ``[0, 1]``
-there. Worker threads that share one model take turns through :attr:`Inference.lock`.
+``compute.compile``, ``torch.compile`` d. It takes uint8 pixels on the device and scales them to
+``[0, 1]`` there. Worker threads that share one model take turns through :attr:`Inference.lock`.
+
+Batches are padded to ``compute.batch_size`` when the model is compiled (one static shape) and on
+CUDA (``cudnn.benchmark`` tunes once per input shape, and a shard's tail or a partial block would
+each be a new one); padding rows cost compute but change no row's result. The CUDA-graph modes of
+``torch.compile`` (``reduce-overhead``, ``max-autotune``) replay graphs only on the thread that
+recorded them, so there every forward pass runs on one thread of the model's own.
 """
 
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -17,6 +23,9 @@ import torch
 from salient import images, models
 from salient.config import ComputeConfig
 from salient.errors import ConfigError
+
+# torch.compile modes that record CUDA graphs
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 class Inference:
@@ -34,8 +43,10 @@ class Inference:
             torch.backends.cudnn.benchmark = True
         self.lock = threading.Lock()
         self.compiled = compute.compile != "none"
+        self.pads = self.compiled or kind == "cuda"
         forward = net.forward_normalized
         self._forward = torch.compile(forward, mode=compute.compile, dynamic=False) if self.compiled else forward
+        self._graphs_thread = ThreadPoolExecutor(1, thread_name_prefix="model") if compute.compile in CUDA_GRAPH_MODES else None
         # the statistics the checkpoint says its classifier expects (models.normalization_of)
         self.mean = net.mean.detach().to(device).reshape(1, 3, 1, 1)
         self.std = net.std.detach().to(device).reshape(1, 3, 1, 1)
@@ -85,12 +96,21 @@ class Inference:
         torch.addcmul(shift.flatten().repeat(w), rows, scale.flatten().repeat(w), out=rows)
         return part
 
-    def _run(self, x: torch.Tensor) -> models.ModelOutput:
-        """The forward pass on normalised images ``x``: compiled models get the whole (padded) buffer."""
-        n = len(x)
+    def _forward_pass(self, x: torch.Tensor) -> models.ModelOutput:
         with torch.inference_mode(), self.autocast():
-            out = self._forward(self._input if self.compiled else x)
-        if self.compiled and self._input is not None and len(self._input) != n:
+            return self._forward(x)
+
+    def _run(self, x: torch.Tensor) -> models.ModelOutput:
+        """The forward pass on normalised images ``x`` (the first rows of the input buffer when
+        padding): padded models get the whole buffer."""
+        n = len(x)
+        if self.pads:
+            x = self._input
+        if self._graphs_thread is not None:
+            out = self._graphs_thread.submit(self._forward_pass, x).result()
+        else:
+            out = self._forward_pass(x)
+        if len(x) != n:
             out = models.ModelOutput(*(None if t is None else t[:n] for t in out))
         return out
 
@@ -103,6 +123,6 @@ class Inference:
     def normalized(self, x: torch.Tensor) -> models.ModelOutput:
         """The model's outputs for images already normalised with its :attr:`mean` and :attr:`std`
         (``(x - mean) / std`` of ``[0, 1]`` images), on the device; as :meth:`__call__` otherwise."""
-        if self.compiled:  # the static shape lives in the buffer
+        if self.pads:  # the padded shape lives in the buffer
             x = self._buffer(x).copy_(x)
         return self._run(x)

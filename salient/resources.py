@@ -18,6 +18,19 @@ from salient.errors import ConfigError
 WORKER_ENV_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
+def available_memory() -> int:
+    """Bytes of memory this machine can still give without swapping (Linux's MemAvailable; else its
+    free pages)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def worker_env() -> dict[str, str]:
     """The worker environment: :data:`WORKER_ENV_DEFAULTS`, with any value this process has instead."""
     return {key: os.environ.get(key, value) for key, value in WORKER_ENV_DEFAULTS.items()}

@@ -9,18 +9,21 @@ the device on a side stream while the previous batch computes; scaling to ``[0, 
 normalisation happen on the device (:mod:`salient.inference`). A worker opens its next item's feed
 while the current item runs, so nothing drains between items.
 
-With ``preprocess.decoder = nvjpeg`` the decode threads only read headers; JPEGs are decoded in
-batches on the GPU (``torchvision.io.decode_jpeg(device="cuda")``) and resized there. Images a fast
-decoder cannot read (PNG, greyscale, CMYK, 16-bit, ...) are read by PIL; the feed counts them.
+With ``preprocess.decoder = nvjpeg`` the decode threads only read headers; complete 8-bit RGB
+JPEGs are decoded in batches on the GPU (``torchvision.io.decode_jpeg(device="cuda")``), at most
+:data:`NVJPEG_BATCH_PIXELS` source pixels per call, and resized there. Images a fast decoder cannot
+read (PNG, greyscale, CMYK, 16-bit, a JPEG cut short, one nvJPEG refuses, ...) are read by PIL, which
+gives the reason when it refuses them too; the feed counts them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -32,6 +35,9 @@ from salient.errors import ConfigError, InputError
 
 # Batches read and decoded ahead of the model, per feed.
 LOOKAHEAD_BATCHES = 3
+# Source pixels per nvJPEG call (3 bytes each decoded): a batch of large photos is decoded in parts,
+# an image larger than this alone.
+NVJPEG_BATCH_PIXELS = 2**27
 
 
 @dataclass
@@ -72,6 +78,7 @@ class FeedStats:
 class _Decoded:
     pixels: torch.Tensor | None = None  # uint8 [3, crop, crop]; None: failed, or raw JPEG for the GPU
     jpeg: bytes | None = None
+    source_pixels: int = 0  # of the JPEG, from its header
     orientation: int = 1
     error: str | None = None
     fallback: bool = False
@@ -132,20 +139,74 @@ class ImageStream:
         try:
             if self.decoder == "nvjpeg":
                 with images.open_header(data, p.max_pixels, p.resize) as img:
-                    if images.fast_decodable(img):
-                        return _Decoded(jpeg=data, orientation=images.orientation(img), decode_s=time.perf_counter() - t0)
+                    if images.fast_decodable(img) and images.jpeg_complete(data):
+                        w, h = img.size
+                        return _Decoded(jpeg=data, orientation=images.orientation(img), source_pixels=w * h, decode_s=time.perf_counter() - t0)
             pixels, orient, fallback = images.read_pixels(data, p.resize, p.crop, p.max_pixels, self.decoder)
         except images.DECODE_ERRORS as exc:
             return _Decoded(error=images.describe_error(exc), decode_s=time.perf_counter() - t0)
         return _Decoded(pixels=pixels, orientation=orient, fallback=fallback, decode_s=time.perf_counter() - t0)
 
-    def gpu_decode(self, jpegs: list[bytes]) -> list[torch.Tensor]:
-        """JPEGs decoded together by nvJPEG and resized on the GPU: uint8 ``[3, crop, crop]`` each."""
+    def _nvjpeg(self, data: list[torch.Tensor]) -> list[torch.Tensor]:
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        data = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
-        decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
-        return [images.resize_crop(d, self.preprocess.resize, self.preprocess.crop) for d in decoded]
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+
+    def decode_on_device(self, decoded: Sequence[_Decoded]) -> None:
+        """The JPEGs among ``decoded`` that the header check kept for nvJPEG, decoded on the device
+        and resized there, in place. One that nvJPEG refuses is read by PIL instead (its reason
+        recorded where PIL refuses it too); the others of its batch are kept."""
+        todo = [d for d in decoded if d.jpeg is not None]
+        if not todo:
+            return
+        if self._copy_stream is not None:
+            # nvJPEG writes on its own stream into memory allocated on this one: what this stream
+            # still has queued (the last batch's resize) must be done before that memory is reused.
+            self._copy_stream.synchronize()
+        p = self.preprocess
+        for group in consecutive_groups([d.source_pixels for d in todo], NVJPEG_BATCH_PIXELS):
+            items = [todo[i] for i in group]
+            outs = decode_each([torch.frombuffer(bytearray(d.jpeg), dtype=torch.uint8) for d in items], self._nvjpeg)
+            for d, out in zip(items, outs):
+                if isinstance(out, torch.Tensor):
+                    d.pixels = images.resize_crop(out, p.resize, p.crop)
+                else:
+                    try:
+                        d.pixels = images.read_pixels(d.jpeg, p.resize, p.crop, p.max_pixels, "pil")[0]
+                        d.fallback = True
+                    except images.DECODE_ERRORS as exc:
+                        d.error = images.describe_error(exc)
+                d.jpeg = None
+
+
+def consecutive_groups(sizes: Sequence[int], budget: int) -> list[list[int]]:
+    """The indices of ``sizes``, in order, in consecutive groups whose sizes add up to at most
+    ``budget`` (a size over it alone in its group)."""
+    groups: list[list[int]] = []
+    total = budget + 1
+    for i, size in enumerate(sizes):
+        if total + size > budget:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += size
+    return groups
+
+
+def decode_each(data: list[torch.Tensor], decode: Callable[[list[torch.Tensor]], list[torch.Tensor]]) -> list[torch.Tensor | RuntimeError]:
+    """``decode`` of the whole batch; where it fails, of each item alone: per item, its result or
+    the error that item raised."""
+    try:
+        return list(decode(data))
+    except RuntimeError:
+        pass
+    out: list[torch.Tensor | RuntimeError] = []
+    for item in data:
+        try:
+            out.append(decode([item])[0])
+        except RuntimeError as exc:
+            out.append(exc)
+    return out
 
 
 @dataclass
@@ -247,7 +308,13 @@ class Feed:
     def _assemble(self, positions: list[int], decoded: list[_Decoded]) -> tuple[Batch, torch.cuda.Event | None] | None:
         """The chunk's good images as one batch on the device (the copy started, not waited for)."""
         s = self.stream
-        good, pixels, jpegs, orientations, failures = [], [], [], [], []
+        cuda = s.device.type == "cuda"
+        if any(d.jpeg is not None for d in decoded):
+            t0 = time.perf_counter()
+            with torch.cuda.stream(s._copy_stream) if cuda else contextlib.nullcontext():
+                s.decode_on_device(decoded)
+            self.stats.decode += time.perf_counter() - t0
+        good, pixels, orientations, failures = [], [], [], []
         for pos, d in zip(positions, decoded):
             self.stats.decode += d.decode_s
             self.stats.read += d.read_s
@@ -257,11 +324,7 @@ class Feed:
             good.append(pos)
             orientations.append(d.orientation)
             self.stats.fallbacks += d.fallback
-            if d.jpeg is not None:
-                jpegs.append(len(pixels))
-                pixels.append(d.jpeg)
-            else:
-                pixels.append(d.pixels)
+            pixels.append(d.pixels)
         self.stats.images += len(good)
         self.stats.failed += len(failures)
         if not good:
@@ -269,18 +332,15 @@ class Feed:
                 empty = torch.zeros((0, 3, s.preprocess.crop, s.preprocess.crop), dtype=torch.uint8, device=s.device)
                 return Batch([], empty, [], failures), None
             return None
-        if s.device.type != "cuda":
+        if not cuda:
             return Batch(good, channels_last(pixels), orientations, failures), None
-        on_gpu = set(jpegs)
+        on_gpu = {i for i, p in enumerate(pixels) if p.device.type == "cuda"}
         host = channels_last([p for i, p in enumerate(pixels) if i not in on_gpu], pin=True)
         with torch.cuda.stream(s._copy_stream):
             on_device = host.to(s.device, non_blocking=True)
-            if jpegs:
-                t0 = time.perf_counter()
-                gpu = iter(s.gpu_decode([pixels[i] for i in jpegs]))
-                self.stats.decode += time.perf_counter() - t0
+            if on_gpu:
                 from_cpu = iter(on_device)
-                ordered = [next(gpu) if i in on_gpu else next(from_cpu) for i in range(len(pixels))]
+                ordered = [p if i in on_gpu else next(from_cpu) for i, p in enumerate(pixels)]
                 on_device = torch.stack(ordered).contiguous(memory_format=torch.channels_last)
             event = torch.cuda.Event()
             event.record(s._copy_stream)

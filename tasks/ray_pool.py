@@ -241,6 +241,9 @@ class PoolWorker:
     ``ITEMS_PER_WORKER`` items run at once, in threads of the actor."""
 
     def __init__(self, builder: Callable[[], Callable[[Any], Any]]) -> None:
+        if not ray.get_runtime_context().get_accelerator_ids().get("GPU"):
+            # Ray leaves a worker given no GPU every GPU of its node: it computes on the CPU, as asked
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
         self.fn = builder()
 
     def run(self, item: Any) -> Any:

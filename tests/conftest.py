@@ -1,7 +1,12 @@
-"""Session-wide test settings: local-run environment defaults (docs/design.md §4)."""
+"""Session-wide test settings: local-run environment defaults (docs/design.md §4), and the CPU
+for every test (the CUDA paths are checked against it by ``python -m benchmarks.gpu``)."""
 
 import os
 import tempfile
+
+# Before anything starts CUDA. The session's Ray gives its GPU workers their own device
+# (tests/flows/test_activations_flow.py); the CPU-only ones stay on the CPU (tasks/ray_pool.py).
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import pytest
 
@@ -23,10 +28,14 @@ def ray_session(s3_server):
     It starts after the S3 test server, so its workers inherit the variables that reach that server."""
     import ray
 
-    ray.init(
-        address="local", num_cpus=2, num_gpus=2, include_dashboard=False,
-        runtime_env={"env_vars": {"PYTHONPATH": ROOT}},
-    )
+    hidden = os.environ.pop("CUDA_VISIBLE_DEVICES")  # Ray refuses to declare GPUs none of which is visible
+    try:
+        ray.init(
+            address="local", num_cpus=2, num_gpus=2, include_dashboard=False,
+            runtime_env={"env_vars": {"PYTHONPATH": ROOT}},
+        )
+    finally:
+        os.environ["CUDA_VISIBLE_DEVICES"] = hidden
     yield ray
     ray.shutdown()
 

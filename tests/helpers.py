@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,20 @@ def jpeg_bytes(arr: np.ndarray, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+@functools.cache
+def machine_gpus() -> int:
+    """The CUDA devices of this machine, whatever CUDA_VISIBLE_DEVICES the tests run with."""
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"], env=env, capture_output=True, text=True, check=True)
+    return int(out.stdout.strip())
+
+
+def worker_device(cuda_visible_devices: str) -> str:
+    """The device a worker given the Ray GPU ``cuda_visible_devices`` runs on: the GPU where this
+    machine has one of that index, else the CPU (the test Ray declares GPUs that may not exist)."""
+    return "cuda" if cuda_visible_devices and int(cuda_visible_devices.split(",")[0]) < machine_gpus() else "cpu"
 
 
 def make_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: tuple[int, int] = (40, 48), seed: int = 0) -> list[str]:

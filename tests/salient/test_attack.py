@@ -57,3 +57,35 @@ def test_needs_eval_mode(tiny):
             attack.feature_attack(tiny, torch.rand(1, 3, 16, 16), [0], steps=1)
     finally:
         tiny.eval()
+
+
+def test_a_chunked_attack_equals_one_batch(tiny):
+    """Chunks by a memory budget (and the last one padded, as on CUDA) change no image."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(7, 3, 32, 32, generator=g)
+    feats = [0, 5, 3, 3, 9, 1, 2]
+    whole = attack.feature_attack(tiny, x, feats, steps=3, step_size=2.0)
+    for chunk, pad in ((3, False), (3, True), (1, False), (7, True), (20, True)):
+        out = attack.feature_attack(tiny, x, feats, steps=3, step_size=2.0, chunk=chunk, pad=pad)
+        assert out.shape == whole.shape
+        torch.testing.assert_close(out, whole, atol=1e-6, rtol=1e-5)
+
+
+def test_the_memory_estimate_counts_every_layers_output(tiny):
+    """A hand count for a one-layer model: its output is 8 x 16 x 16 floats per image."""
+
+    class One(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+            self.relu = torch.nn.ReLU()
+
+        def forward(self, x):
+            return self.relu(self.conv(x))
+
+    per_image = attack.bytes_per_image(One(), crop=32)
+    assert per_image == 2 * 2 * (8 * 16 * 16 * 4)  # conv and relu outputs, kept and their gradients
+    assert attack.bytes_per_image(tiny, 64) > attack.bytes_per_image(tiny, 32) > 0
+    assert attack.rows_per_chunk(10 * per_image, per_image, most=64) == 10
+    assert attack.rows_per_chunk(10 * per_image, per_image, most=4) == 4
+    assert attack.rows_per_chunk(per_image // 2, per_image, most=64) == 1

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from salient import discover, models, nam, storage, tables
+from salient import attack, discover, models, nam, storage, tables
 from salient.config import ComputeConfig, Config, DatasetConfig, DiscoverConfig, ModelConfig, PreprocessConfig
 from salient.discover import ClassWork, PairWork, group_classes
 from salient.stage import StageFailed, execute, local_run
@@ -34,10 +34,10 @@ def world(tmp_path_factory):
     return str(base / "data"), ckpt
 
 
-def _config(root, ckpt, output, batch_size) -> Config:
+def _config(root, ckpt, output, batch_size, **compute) -> Config:
     return Config(
         dataset=DatasetConfig(root=root), model=ModelConfig(checkpoint=ckpt, arch="tiny_resnet"),
-        preprocess=PreprocessConfig(resize=CROP, crop=CROP), compute=ComputeConfig(batch_size=batch_size),
+        preprocess=PreprocessConfig(resize=CROP, crop=CROP), compute=ComputeConfig(batch_size=batch_size, **compute),
         discover=DiscoverConfig(images_per_pair=SHOWN, attack_steps=STEPS), output=str(output),
     )
 
@@ -71,8 +71,8 @@ def _tables(build, root, ckpt):
     storage.write_parquet(storage.join(build, tables.CLASSES.path), pa.table(classes), "fp")
 
 
-def _discover(root, ckpt, output, batch_size) -> tuple[str, dict]:
-    cfg = _config(root, ckpt, output, batch_size)
+def _discover(root, ckpt, output, batch_size, **compute) -> tuple[str, dict]:
+    cfg = _config(root, ckpt, output, batch_size, **compute)
     stage = Discover()
     run = local_run(cfg, [stage])
     _tables(run.build, root, ckpt)
@@ -113,9 +113,14 @@ def test_group_classes_keeps_classes_whole_and_in_order():
     assert [[w.class_index for w in g] for g in group_classes(works, 100)] == [[0, 1, 2, 3, 4]]
 
 
-def test_assets_are_the_same_made_one_class_at_a_time_or_all_together(tmp_path, world):
+@pytest.mark.parametrize("alone", [
+    {"batch_size": 1},
+    # the attack in chunks of one image: a memory budget under one image's estimate
+    {"batch_size": 64, "attack_memory_gb": 1e-9},
+])
+def test_assets_are_the_same_made_one_class_at_a_time_or_all_together(tmp_path, world, alone):
     root, ckpt = world
-    alone_build, alone = _discover(root, ckpt, tmp_path / "alone", 1)
+    alone_build, alone = _discover(root, ckpt, tmp_path / "alone", **alone)
     together_build, together = _discover(root, ckpt, tmp_path / "together", 64)
     assert alone["made"] == together["made"] == alone["pairs"] == 2 * CLASSES
     a, b = _assets(alone_build), _assets(together_build)
@@ -168,3 +173,20 @@ def test_an_unreadable_image_fails_its_class_by_name(tmp_path, world):
     made = {(p.class_index, os.path.exists(storage.join(run.build, tables.discover_pair(p.wnid, p.feature_index), tables.ASSETS)))
             for p in discover.plan_pairs(run.build, "fp", SHOWN)}
     assert made == {(0, True), (1, True), (2, False)}
+
+
+def test_the_attack_runs_as_many_images_at_once_as_its_memory_budget_allows(world):
+    from salient.discover import DiscoverRunner
+
+    root, ckpt = world
+    cfg = _config(root, ckpt, "unused", 64)
+    model = models.load(ckpt, "tiny_resnet").eval()
+    per_image = attack.bytes_per_image(model, CROP)
+
+    def rows(**compute):
+        c = cfg.compute.model_copy(update=compute)
+        return DiscoverRunner(cfg.model, cfg.preprocess, c, cfg.discover, threads=1, device="cpu").attack_rows
+
+    assert rows(attack_memory_gb=1e-9) == 1
+    assert rows(attack_memory_gb=5.5 * per_image / 2**30) == 5
+    assert rows() == 64  # half of this machine's memory holds a batch of tiny images

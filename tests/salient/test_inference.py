@@ -78,3 +78,53 @@ def test_a_local_worker_runs_two_items_at_once_and_retries_failures():
     assert attempts[5] == 2
     failed = LocalExecutor().pool(lambda threads: lambda n: 1 / 0, [1, 2], max_attempts=2)
     assert [item for item, _ in failed.failed] in ([1, 2], [2, 1]) and all("ZeroDivisionError" in r for _, r in failed.failed)
+
+
+def test_padded_batches_give_the_features_of_unpadded_ones(checkpoint):
+    """On CUDA every batch is padded to batch_size (cudnn.benchmark tunes once per shape): the rows
+    of a short batch come out as they would alone."""
+    plain = Inference.load(checkpoint, "tiny_resnet", "auto", ComputeConfig(batch_size=8), device="cpu", need_discovery=True)
+    padded = Inference.load(checkpoint, "tiny_resnet", "auto", ComputeConfig(batch_size=8), device="cpu", need_discovery=True)
+    padded.pads = True  # as on CUDA
+    assert not plain.pads
+    padded(pixels(8, seed=9))  # stale rows in the buffer from a full batch before
+    for n in (3, 1, 8):
+        x = pixels(n, seed=n)
+        want, got = plain(x), padded(x)
+        assert got.features.shape == (n, want.features.shape[1]) and got.maps.shape[0] == n
+        torch.testing.assert_close(got.features, want.features, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-6)
+    ref = padded.normalized(((pixels(2).float() / 255.0) - padded.mean) / padded.std)
+    torch.testing.assert_close(ref.logits, plain(pixels(2)).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_graph_modes_run_every_forward_pass_on_one_thread(checkpoint, monkeypatch):
+    """CUDA graphs replay only on the thread that recorded them; a worker calls its model from two
+    threads at once (two items per worker)."""
+    threads = set()
+
+    def compile(fn, **kwargs):
+        def forward(x):
+            threads.add(threading.get_ident())
+            assert torch.is_inference_mode_enabled()
+            return fn(x)
+
+        return forward
+
+    monkeypatch.setattr(torch, "compile", compile)
+    inf = Inference.load(
+        checkpoint, "tiny_resnet", "auto", ComputeConfig(batch_size=4, compile="reduce-overhead"), device="cpu", need_discovery=True,
+    )
+    callers = []
+
+    def call(seed):
+        callers.append(threading.get_ident())
+        with inf.lock:
+            assert inf(pixels(3, seed)).logits.shape == (3, 5)
+
+    workers = [threading.Thread(target=call, args=(s,)) for s in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert len(set(callers)) == 4 and len(threads) == 1 and threads.isdisjoint(callers)

@@ -163,3 +163,104 @@ def test_host_copies_on_the_cpu_are_the_tensors_themselves():
     copies = HostCopies(torch.device("cpu"))
     assert copies.add(t) is t
     copies.wait()
+
+
+def test_consecutive_groups_keep_order_and_the_budget():
+    from salient.stream import consecutive_groups
+
+    assert consecutive_groups([4, 4, 4, 9, 1, 2, 12, 3], budget=8) == [[0, 1], [2], [3], [4, 5], [6], [7]]
+    assert consecutive_groups([], budget=8) == []
+
+
+def test_decode_each_keeps_the_good_items_of_a_batch_that_fails():
+    from salient.stream import decode_each
+
+    calls = []
+
+    def decode(batch):
+        calls.append(len(batch))
+        if any(int(t[0]) == 13 for t in batch):
+            raise RuntimeError("nvjpegDecode failed: bad Huffman code")
+        return [t * 2 for t in batch]
+
+    items = [torch.tensor([1]), torch.tensor([13]), torch.tensor([3])]
+    out = decode_each(items, decode)
+    assert calls == [3, 1, 1, 1]
+    assert [int(o[0]) for o in out if isinstance(o, torch.Tensor)] == [2, 6]
+    assert isinstance(out[1], RuntimeError) and "Huffman" in str(out[1])
+    calls.clear()
+    assert [int(o[0]) for o in decode_each(items[::2], decode)] == [2, 6]
+    assert calls == [2]  # a good batch is one call
+
+
+def _nvjpeg_on_the_cpu(stream, refuse: bytes):
+    """``stream`` decoding as the nvjpeg path does, with a stand-in for nvJPEG on the CPU
+    (libjpeg-turbo) that fails a whole batch holding the JPEG ``refuse``, as nvJPEG fails on a file
+    it cannot decode."""
+    from salient import images
+
+    stream.decoder = "nvjpeg"
+    calls = []
+
+    def stand_in(data):
+        calls.append(len(data))
+        if any(bytes(t.numpy()) == refuse for t in data):
+            raise RuntimeError("nvjpegDecodeJpeg failed: stand-in refuses this file")
+        return [images.decode_jpeg_cpu(bytes(t.numpy())) for t in data]
+
+    stream._nvjpeg = stand_in
+    return calls
+
+
+def test_nvjpeg_loses_no_batch_to_one_bad_jpeg_and_gives_pils_reasons(tmp_path):
+    """A truncated JPEG (which nvJPEG may decode silently) is refused as PIL refuses it; one nvJPEG
+    refuses is read by PIL; the other images of the batch come from the GPU path."""
+    root = tmp_path / "data"
+    rels = make_image_folder(root, classes=1, per_class=6, size=(45, 61))
+    whole = (root / rels[0]).read_bytes()
+    (root / "n0000" / "cut.JPEG").write_bytes(whole[: len(whole) // 2])
+    refused = (root / rels[1]).read_bytes()
+    wanted = rels[:2] + ["n0000/cut.JPEG"] + rels[2:]
+    pre = PreprocessConfig(resize=RESIZE, crop=CROP)
+    by_decoder = {}
+    for decoder in ("pil", "torchvision", "nvjpeg"):
+        stream = ImageStream(str(root), pre.model_copy(update={"decoder": "pil" if decoder == "nvjpeg" else decoder}), "cpu", batch_size=8, threads=2)
+        calls = _nvjpeg_on_the_cpu(stream, refused) if decoder == "nvjpeg" else None
+        try:
+            feed = stream.open(wanted)
+            by_decoder[decoder] = (*collect(feed), feed.stats, calls)
+        finally:
+            stream.close()
+    positions, pixels, failures, stats, calls = by_decoder["nvjpeg"]
+    pil_positions, pil_pixels, pil_failures, _, _ = by_decoder["pil"]
+    tv_pixels = dict(zip(by_decoder["torchvision"][0], by_decoder["torchvision"][1]))
+    assert positions == pil_positions == [0, 1, 3, 4, 5, 6]
+    assert failures == pil_failures and "truncated" in failures[0][1] and failures[0][0] == 2
+    assert calls == [6, 1, 1, 1, 1, 1, 1]  # the batch of six, then each alone
+    for pos, px, ref in zip(positions, pixels, pil_pixels):
+        assert torch.equal(px, ref if wanted[pos] == rels[1] else tv_pixels[pos]), wanted[pos]
+    assert stats.images == 6 and stats.failed == 1 and stats.fallbacks == 1
+
+
+def test_nvjpeg_waits_for_the_copy_stream_before_it_decodes(tmp_path):
+    root = tmp_path / "data"
+    rels = make_image_folder(root, classes=1, per_class=2, size=(45, 61))
+    stream = ImageStream(str(root), PreprocessConfig(resize=RESIZE, crop=CROP), "cpu", batch_size=8, threads=1)
+    order = []
+    try:
+        _nvjpeg_on_the_cpu(stream, b"")
+        decode = stream._nvjpeg
+        stream._nvjpeg = lambda data: (order.append("decode"), decode(data))[1]
+
+        class CopyStream:
+            def synchronize(self):
+                order.append("synchronize")
+
+        stream._copy_stream = CopyStream()
+        decoded = [stream.decode((root / r).read_bytes()) for r in rels]
+        assert all(d.jpeg is not None for d in decoded)
+        stream.decode_on_device(decoded)
+    finally:
+        stream.close()
+    assert order == ["synchronize", "decode"]
+    assert all(d.pixels is not None and d.pixels.shape == (3, CROP, CROP) and d.jpeg is None for d in decoded)

@@ -14,7 +14,7 @@ from salient.errors import Unreachable
 from salient.resources import WorkerResources
 from salient.stage import committed_result, local_run
 from salient.stages.activations import Activations
-from tests.helpers import read_activation_rows
+from tests.helpers import read_activation_rows, worker_device
 
 class _KillMidShard:
     """Runs shards, but SIGKILLs its own process after the first batch of shard 1, once."""
@@ -93,7 +93,7 @@ def test_two_gpu_workers_run_concurrently_on_their_own_devices(activation_world,
     assert len(os.listdir(folder)) == 2
     assert sorted(w["cuda_visible_devices"] for w in result.workers) == ["0", "1"]
     assert sorted(g for w in result.workers for g in w["gpu_ids"]) == ["0", "1"]
-    assert {s["worker"]["device"] for s in result.results} == {"cpu"}
+    assert all(s["worker"]["device"] == worker_device(s["worker"]["cuda_visible_devices"]) for s in result.results)
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -197,3 +197,16 @@ def test_waiting_for_gpus_ends_as_soon_as_they_are_there(monkeypatch):
     assert len(calls) == 3, "it stopped looking once 4 GPUs were there"
     assert ray_pool.await_gpus(2, {"GPU": 2.0, "CPU": 8.0}, timeout_s=60) == {"GPU": 2.0, "CPU": 8.0}
     assert len(calls) == 3, "enough GPUs already: no wait"
+
+
+def _visible_devices_builder():
+    return lambda item: os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_a_worker_given_no_gpu_sees_none(ray_session):
+    """Ray leaves a worker that asked for no GPU every GPU of its node; it must compute on the CPU."""
+    from tasks.ray_pool import run_pool
+
+    # The session's Ray started with no CUDA_VISIBLE_DEVICES, as a cluster's node does: every GPU visible
+    result = run_pool(_visible_devices_builder, [1], WorkerResources(1, 0.0, 1.0), max_attempts=1)
+    assert result.results == [""] and result.workers[0]["gpu_ids"] == []
