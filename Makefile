@@ -55,6 +55,21 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.stages
 	$(BIN)/python -m benchmarks.pipeline
 
+# The wheels `python -m benchmarks.gpu` needs besides torch, torchvision, numpy, pillow and pyarrow, at
+# this .venv's versions, for CPython $(GPU_PYTHON) on x86-64 Linux, into .gpu-wheels/ (at most 40 MiB):
+# copy them to a GPU machine without network (docs/benchmarks.md#on-a-gpu).
+GPU_PYTHON ?= 3.12
+
+.PHONY: gpu-wheels
+gpu-wheels: $(STAMP)
+	rm -rf .gpu-wheels
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .gpu-wheels $$($(BIN)/python -m benchmarks.gpu --wheel-list)
+	@bytes=$$(cat .gpu-wheels/*.whl | wc -c); \
+	echo ".gpu-wheels/: $$(ls .gpu-wheels | wc -l) wheels for CPython $(GPU_PYTHON), $$((bytes / 1024)) KiB"; \
+	if [ $$bytes -gt 41943040 ]; then echo "make gpu-wheels: $$((bytes / 1048576)) MiB, over the 40 MiB budget" >&2; exit 1; fi
+
 # ImageNet's counts on this machine: 1,000 classes x 130 images, 5,000 pairs, three `salient run`s
 # (about 30 minutes; docs/benchmarks.md). Not part of `make bench`.
 rehearsal: $(STAMP)
