@@ -103,7 +103,9 @@ def start_node(
         args += ["--head", f"--port={head_port}", f"--ray-client-server-port={client_port or ports[6]}", "--include-dashboard=false"]
     else:
         args += [f"--address=127.0.0.1:{head_port}"]
-    full_env = {**os.environ, "PYTHONPATH": ROOT, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
+    # a node sees the machine's GPUs, as a real one does (the suite hides them from its own process)
+    machine = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    full_env = {**machine, "PYTHONPATH": ROOT, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
     with open(log, "wb") as fh:
         return subprocess.Popen(
             [*args, *more_args], env=full_env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
