@@ -264,3 +264,22 @@ def test_nvjpeg_waits_for_the_copy_stream_before_it_decodes(tmp_path):
         stream.close()
     assert order == ["synchronize", "decode"]
     assert all(d.pixels is not None and d.pixels.shape == (3, CROP, CROP) and d.jpeg is None for d in decoded)
+
+
+def test_nvjpeg_decodes_a_batch_of_large_images_in_parts(tmp_path, monkeypatch):
+    """At most NVJPEG_BATCH_PIXELS source pixels per nvJPEG call (a batch of full-size photos would
+    take gigabytes at once); an image over it alone."""
+    from salient import stream as streammod
+
+    root = tmp_path / "data"
+    rels = make_image_folder(root, classes=1, per_class=5, size=(45, 61))  # 2,745 pixels each
+    monkeypatch.setattr(streammod, "NVJPEG_BATCH_PIXELS", 2 * 45 * 61)
+    stream = ImageStream(str(root), PreprocessConfig(resize=RESIZE, crop=CROP), "cpu", batch_size=8, threads=1)
+    try:
+        calls = _nvjpeg_on_the_cpu(stream, b"")
+        decoded = [stream.decode((root / r).read_bytes()) for r in rels]
+        stream.decode_on_device(decoded)
+    finally:
+        stream.close()
+    assert calls == [2, 2, 1]
+    assert all(d.pixels is not None and d.error is None for d in decoded)
