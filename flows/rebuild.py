@@ -29,16 +29,12 @@ def _facts(run: Run, results: dict, seconds: dict[str, float]) -> dict:
     """What the manifest records besides what every manifest has."""
     config = run.config
     counts: dict[str, int] = {}
-    if "activations" in results:
-        a = results["activations"]
-        counts.update(images=a["images"], failed_images=a["failed"], shards=a["shards"])
-    if "aggregate" in results:
-        counts.update(pairs=results["aggregate"]["pairs"], classes=results["aggregate"]["classes"])
-    if "ingest" in results:
-        i = results["ingest"]
-        counts.update(spurious_pairs=i["spurious"], core_pairs=i["core"], pending_pairs=i["insufficient"], answers=i["accepted"])
-    if "generalize" in results:
-        counts.update(masks=results["generalize"]["masks"])
+    images_s = None
+    for name, summary in results.items():
+        counted = registry.BY_NAME[name].counts(summary)
+        counts.update(counted)
+        if "images" in counted:
+            images_s = seconds.get(name)
     fingerprints = {}
     for rel in storage.list_files(run.build):
         if rel.endswith(".parquet") and not rel.startswith((f"{tables.ACTIVATIONS_DIR}/", f"{tables.MASK_BLOCKS}/")):
@@ -54,7 +50,7 @@ def _facts(run: Run, results: dict, seconds: dict[str, float]) -> dict:
         "fingerprints": fingerprints,
         "counts": counts,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
-        "images_per_second": round(counts["images"] / seconds["activations"], 3) if counts.get("images") and seconds.get("activations") else None,
+        "images_per_second": round(counts["images"] / images_s, 3) if counts.get("images") and images_s else None,
     }
 
 

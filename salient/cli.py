@@ -179,10 +179,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _stage_command(name: str) -> Callable[[argparse.Namespace], int]:
+    from salient import stages as registry
+
     def command(args: argparse.Namespace) -> int:
-        cfg = _load(args)
-        if getattr(args, "answers", None):
-            cfg.annotations.answers = [*args.answers, *cfg.annotations.answers]
+        cfg = registry.BY_NAME[name].with_arguments(_load(args), args)
         _print_summaries(run_stages(cfg, [name]))
         return 0
 
@@ -303,6 +303,18 @@ def _validate_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _stage_parsers(sub: argparse._SubParsersAction, group: str | None) -> None:
+    """A command per stage of the registry under ``group`` (None: top level)."""
+    from salient import stages as registry
+
+    for stage in registry.STAGES:
+        if stage.group == group:
+            p = sub.add_parser(stage.name, help=stage.help)
+            _config_args(p)
+            stage.add_arguments(p)
+            p.set_defaults(func=_stage_command(stage.name), builds=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from salient import stages as registry
 
@@ -313,20 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.set_defaults(func=cmd_validate)
 
-    for stage in registry.STAGES:
-        if stage.name == "simulate":
-            continue  # `salient annotate simulate`
-        p = sub.add_parser(stage.name, help=stage.help)
-        _config_args(p)
-        if stage.name == "ingest":
-            p.add_argument("--answers", action="append", default=[], metavar="URI", help="an answer CSV (repeatable)")
-        p.set_defaults(func=_stage_command(stage.name))
+    _stage_parsers(sub, None)
 
     p = sub.add_parser("run", help="the whole rebuild as one Prefect flow (or --stages a,b)")
     _config_args(p)
     p.add_argument("--stages", help=f"comma-separated subset of: {', '.join(registry.NAMES)} (runs them on the current build, without publishing)")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for another rebuild of the same output to finish")
-    p.set_defaults(func=cmd_run)
+    p.set_defaults(func=cmd_run, builds=True)
 
     p = sub.add_parser("builds", help="list the builds under an output root")
     p.add_argument("root", metavar="OUT", help="output root (the config's `output`)")
@@ -350,9 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     annotate = sub.add_parser("annotate", help="annotation helpers").add_subparsers(dest="annotate_command", required=True)
-    p = annotate.add_parser("simulate", help=registry.BY_NAME["simulate"].help)
-    _config_args(p)
-    p.set_defaults(func=_stage_command("simulate"))
+    _stage_parsers(annotate, "annotate")
     p = annotate.add_parser("serve", help="a web page where people label the pairs of a build; answers go to OUT/annotations/incoming/")
     _config_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other needs a token)")
@@ -456,12 +459,6 @@ def report_bug(exc: BaseException) -> str:
     return path
 
 
-def _stage_names() -> tuple[str, ...]:
-    from salient import stages as registry
-
-    return registry.NAMES
-
-
 def apply_env_defaults() -> None:
     """Give this process the local-run defaults and the worker environment where it has no value of
     its own: what `salient` gives itself, before torch is imported."""
@@ -478,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
-    building = args.command != "validate" and (args.command in ("run", *_stage_names()) or getattr(args, "annotate_command", None) == "simulate")
+    building = getattr(args, "builds", False)
     try:
         if building:
             _quiet_expected_tracebacks()

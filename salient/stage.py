@@ -19,6 +19,7 @@ Nothing here imports Prefect or Ray: an :class:`Executor` is handed in (the Ray 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
@@ -190,6 +191,7 @@ class Stage:
     uses_gpus: ClassVar[bool] = False
     retries: ClassVar[int] = 1  # orchestrator retries of the whole stage
     # What an item's ``size`` counts, for progress; None: the stage's compute shows its own.
+    group: ClassVar[str | None] = None  # the command group its command is under (`salient GROUP NAME`)
     unit: ClassVar[str | None] = "items"
     max_attempts: ClassVar[int] = 3  # attempts per item
 
@@ -258,6 +260,18 @@ class Stage:
     def describe(self, summary: dict) -> str:
         """One or a few lines about ``summary`` for the command line."""
         return f"{self.name}: {summary}"
+
+    def counts(self, summary: dict) -> dict[str, int]:
+        """What a build's manifest counts from the stage's ``summary`` (``counts``); an ``images``
+        count also gives the manifest's ``images_per_second`` over the stage's time."""
+        return {}
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Options of the stage's own command (``salient NAME CONFIG``) besides the config's."""
+
+    def with_arguments(self, config: Config, args: argparse.Namespace) -> Config:
+        """``config`` with the options of :meth:`add_arguments` applied."""
+        return config
 
 
 def fail(stage: Stage, failed: Sequence[tuple[Item, str]]) -> None:

@@ -111,6 +111,9 @@ class Activations(Stage):
             )
         return [storage.join(run.build, i.files[0]) for i in items], storage.fingerprint([i.commit_fingerprint for i in items])
 
+    def counts(self, s: dict) -> dict[str, int]:
+        return {"images": s["images"], "failed_images": s["failed"], "shards": s["shards"]}
+
     def describe(self, s: dict) -> str:
         return (
             f"activations: {s['images']} of {s['planned']} images in {s['shards']} shards -> {tables.ACTIVATIONS_DIR}/ "

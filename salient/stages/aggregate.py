@@ -44,6 +44,9 @@ class Aggregate(Stage):
         ((_, summary, _),) = results
         return {k: v for k, v in summary.items() if k != "fingerprint"}
 
+    def counts(self, s: dict) -> dict[str, int]:
+        return {"pairs": s["pairs"], "classes": s["classes"]}
+
     def describe(self, s: dict) -> str:
         return (
             f"aggregate: {s['pairs']} pairs over {s['classes']} classes from {s['images']} images (grouping: "

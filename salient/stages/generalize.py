@@ -91,6 +91,9 @@ class Generalize(Stage):
             "computed_blocks": len(computed), "inferred_masks": sum(r["inferred_masks"] for r in computed), "index": index_uri,
         }
 
+    def counts(self, s: dict) -> dict[str, int]:
+        return {"masks": s["masks"]}
+
     def describe(self, s: dict) -> str:
         return (
             f"generalize: {s['masks']} masks of {s['images']} images in {s['blocks']} Zarr shards "

@@ -4,7 +4,10 @@ arrive outside the build at any time, so it reads them all on every run; it has 
 
 from __future__ import annotations
 
+import argparse
+
 from salient import aggregate, answers, ingest, storage
+from salient.config import Config
 from salient.stage import Item, Run, Stage
 
 
@@ -31,6 +34,17 @@ class Ingest(Stage):
             summary["accepted"], summary["rejected"], summary["pairs"], summary["spurious"], summary["core"], summary["insufficient"],
         )
         return summary
+
+    def counts(self, s: dict) -> dict[str, int]:
+        return {"spurious_pairs": s["spurious"], "core_pairs": s["core"], "pending_pairs": s["insufficient"], "answers": s["accepted"]}
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--answers", action="append", default=[], metavar="URI", help="an answer CSV (repeatable)")
+
+    def with_arguments(self, config: Config, args: argparse.Namespace) -> Config:
+        if args.answers:
+            config.annotations.answers = [*args.answers, *config.annotations.answers]
+        return config
 
     def describe(self, s: dict) -> str:
         return (

@@ -12,6 +12,7 @@ from salient.stage import Item, Run, Stage
 
 class Simulate(Stage):
     name = "simulate"
+    group = "annotate"
     help = "simulated workers answer every pair from a synthetic world's ground truth"
     code_version = "simulate-1"
     requires = ("dataset", "output")

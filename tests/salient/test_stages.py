@@ -194,3 +194,26 @@ def test_no_module_uses_another_modules_private_names():
                 if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules and node.attr.startswith("_") and not node.attr.startswith("__"):
                     offenders.append(f"{path}: {node.value.id}.{node.attr}")
     assert offenders == []
+
+
+def test_stage_commands_take_their_options_from_the_stage(tmp_path):
+    """`salient ingest CONFIG --answers A --answers B` puts A and B before the config's answer
+    files; the command line and the manifest name no stage (each stage says what they need)."""
+    from salient import cli
+
+    cfg = config.load(None, ["output=/tmp/out", "annotations.answers=[/data/c.csv]"])
+    path = tmp_path / "salient.yaml"
+    path.write_text(config.to_yaml(cfg))
+    args = cli.build_parser().parse_args(["ingest", str(path), "--answers", "a.csv", "--answers", "b.csv"])
+    applied = stages.BY_NAME["ingest"].with_arguments(config.load(str(path), []), args)
+    assert applied.annotations.answers == ["a.csv", "b.csv", "/data/c.csv"]
+    args = cli.build_parser().parse_args(["ingest", str(path)])
+    assert stages.BY_NAME["ingest"].with_arguments(config.load(str(path), []), args).annotations.answers == ["/data/c.csv"]
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["generalize", str(path), "--answers", "a.csv"])
+    assert stages.BY_NAME["discover"].counts({"pairs": 5}) == {}
+    for source in ("salient/cli.py", "flows/rebuild.py"):
+        text = open(os.path.join(ROOT, source)).read()
+        named = [n for n in stages.NAMES if re.search(rf"(==|!=|in|BY_NAME\[|results\[|summary\[)\s*[\"']{n}[\"']", text)]
+        assert named == [], (source, named)
+    assert cli.build_parser().parse_args(["annotate", "simulate", str(path)]).builds
