@@ -106,9 +106,12 @@ def _print_summaries(result: dict) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = _load(args)
     names = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
-    result = run_stages(cfg, names, args.wait)
+    return _run_and_print(_load(args), names, args.wait)
+
+
+def _run_and_print(cfg: cfgmod.Config, names: list[str] | None, wait_s: float = 0.0) -> int:
+    result = run_stages(cfg, names, wait_s)
     _print_summaries(result)
     state = "published as latest" if result["published"] else "not published (a subset of stages; `salient publish` publishes it)"
     print(f"build {result['build_id']}: {storage.normalize_uri(result['build'])} ({state})")
@@ -288,7 +291,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _run_demo_rebuild(config_path: str) -> int:
-    return cmd_run(argparse.Namespace(config=config_path, overrides=[], stages=None, wait=0.0))
+    return _run_and_print(cfgmod.load(config_path, []), None)
 
 
 VALIDATE_HELP = "check a config before any compute"
@@ -298,9 +301,13 @@ def _validate_parser() -> argparse.ArgumentParser:
     """``salient validate`` alone: it needs no stage, so a config it refuses is answered before the
     stage registry (and with it torch and torchvision, seconds of start-up) is imported."""
     p = argparse.ArgumentParser(prog="salient validate", description=VALIDATE_HELP)
+    _validate_args(p)
+    return p
+
+
+def _validate_args(p: argparse.ArgumentParser) -> None:
     _config_args(p)
     p.set_defaults(func=cmd_validate, command="validate")
-    return p
 
 
 def _stage_parsers(sub: argparse._SubParsersAction, group: str | None) -> None:
@@ -321,9 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="salient", description="Discover spurious features of image classifiers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("validate", help=VALIDATE_HELP)
-    _config_args(p)
-    p.set_defaults(func=cmd_validate)
+    _validate_args(sub.add_parser("validate", help=VALIDATE_HELP))
 
     _stage_parsers(sub, None)
 
