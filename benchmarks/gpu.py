@@ -205,15 +205,7 @@ def load(ctx: Ctx, device: str | None = None, precision: str = "fp32", compile: 
 def write_checkpoint(path: Path, arch: str, seed: int) -> str:
     """A random-weight checkpoint of the world's classes in the robustness format, with BatchNorm
     statistics that are not the identity."""
-    torch.manual_seed(seed)
-    net = models.build_arch(arch, CLASSES)
-    g = torch.Generator().manual_seed(seed)
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    models.save_checkpoint(net.eval(), str(path), "robustness")
-    return str(path)
+    return models.write_random_checkpoint(str(path), arch, CLASSES, seed)
 
 
 def subset_world(src: Path, dst: Path, fraction: float) -> int:

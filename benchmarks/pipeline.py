@@ -102,15 +102,7 @@ def write_checkpoints(tmp: Path) -> dict[str, str]:
     models.LOCAL_ARCHS.setdefault("zero_cost", ZeroCost)
     out = {}
     for name, (arch, fmt) in MODELS.items():
-        torch.manual_seed(0)
-        net = models.build_arch(arch, CLASSES)
-        g = torch.Generator().manual_seed(0)
-        for m in net.modules():  # BatchNorm statistics that are not the identity
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-        out[name] = str(tmp / f"{name}.pt")
-        models.save_checkpoint(net.eval(), out[name], fmt)
+        out[name] = models.write_random_checkpoint(str(tmp / f"{name}.pt"), arch, CLASSES, 0, fmt)
     return out
 
 

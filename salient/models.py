@@ -502,3 +502,19 @@ def save_checkpoint(net: nn.Module, uri: str, format: Literal["robustness", "tor
     buf = io.BytesIO()
     torch.save(obj, buf)
     storage.write_bytes_atomic(uri, buf.getvalue())
+
+
+def write_random_checkpoint(
+    uri: str, arch: str, num_classes: int, seed: int = 0, format: Literal["robustness", "torchvision"] = "robustness",
+) -> str:
+    """A random-weight ``arch`` for ``num_classes`` written to ``uri``, with BatchNorm statistics that
+    are not the identity (so that folding them into the convolutions is exercised); returns ``uri``."""
+    torch.manual_seed(seed)
+    net = build_arch(arch, num_classes)
+    g = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    save_checkpoint(net.eval(), uri, format)
+    return uri

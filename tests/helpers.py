@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from PIL import Image
 
 from salient import config, models, world
@@ -53,15 +52,7 @@ def make_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: tu
 
 def make_checkpoint(path: Path, num_classes: int = 3, arch: str = "tiny_resnet", seed: int = 0) -> str:
     """A random-weight checkpoint in the robustness format, with non-trivial BatchNorm statistics."""
-    torch.manual_seed(seed)
-    net = models.build_arch(arch, num_classes)
-    g = torch.Generator().manual_seed(seed)
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    models.save_checkpoint(net.eval(), str(path), "robustness")
-    return str(path)
+    return models.write_random_checkpoint(str(path), arch, num_classes, seed)
 
 
 def read_activation_rows(out: str) -> pa.Table:
