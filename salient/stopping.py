@@ -20,6 +20,7 @@ from types import FrameType
 EXIT_CODE = 128 + signal.SIGTERM  # the shell's code for a process ended by SIGTERM
 _received = threading.Event()
 _waiting = 0  # interruptible blocks the main thread is in
+_noting = 0  # noting_sigterm blocks the main thread is in
 
 
 class Stopped(SystemExit):
@@ -53,18 +54,22 @@ def _note(signum: int, frame: FrameType | None) -> None:
 @contextmanager
 def noting_sigterm() -> Iterator[None]:
     """While the block runs in the main thread, a SIGTERM is noted instead of handled by the
-    handler in place (Prefect's, inside a flow). A block inside another keeps the outer one's note;
-    any other clears the note on entry."""
+    handler in place (Prefect's, inside a flow). Blocks inside one another share one note (one noted
+    before a flow started stays noted inside it); the outermost clears it on entry."""
+    global _noting
     if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
         yield
         return
+    if not _noting:
+        _received.clear()
+    _noting += 1
     previous = signal.getsignal(signal.SIGTERM)
     if previous is not _note:
-        _received.clear()
         signal.signal(signal.SIGTERM, _note)
     try:
         yield
     finally:
+        _noting -= 1
         signal.signal(signal.SIGTERM, previous)
 
 
